@@ -2,12 +2,15 @@
 // dtype codes, device index, stream handle): validation, allocation and dispatch belong to the
 // Python layer (dbf_ext/ops). The GIL is released while kernels run.
 #include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
 
 #include <cstdint>
 
 #include "box_iou_rotated/box_iou_rotated.h"
 #include "common/device_info.h"
 #include "common/types.h"
+#include "feature_cache/feature_cache.h"
+#include "nms_rotated/nms_rotated.h"
 
 namespace py = pybind11;
 using dbf_ext::BoxArrayView;
@@ -91,6 +94,102 @@ void bind_box_iou_rotated(py::module_& m) {
 #endif
 }
 
+void bind_nms_rotated(py::module_& m) {
+  auto make_args = [](const BoxArrayView& boxes, int dtype, std::uintptr_t order,
+                      std::uintptr_t labels, double iou_threshold, std::uintptr_t keep) {
+    return dbf_ext::NmsRotatedArgs{boxes,  dbf_ext::dtype_from_code(dtype), order,
+                                   labels, iou_threshold,                   keep};
+  };
+  m.def(
+      "nms_rotated_cpu",
+      [make_args](const BoxArrayView& boxes, int dtype, std::uintptr_t order,
+                  std::uintptr_t labels, double iou_threshold, std::uintptr_t keep,
+                  int num_threads) {
+        const auto args = make_args(boxes, dtype, order, labels, iou_threshold, keep);
+        py::gil_scoped_release release;
+        return dbf_ext::nms_rotated_cpu(args, num_threads);
+      },
+      py::arg("boxes"), py::arg("dtype"), py::arg("order"), py::arg("labels"),
+      py::arg("iou_threshold"), py::arg("keep"), py::arg("num_threads"));
+#if defined(DBF_EXT_WITH_CUDA)
+  m.def(
+      "nms_rotated_cuda",
+      [make_args](const BoxArrayView& boxes, int dtype, std::uintptr_t order,
+                  std::uintptr_t labels, double iou_threshold, std::uintptr_t keep,
+                  std::uintptr_t mask, std::int64_t mask_words, std::uintptr_t removed,
+                  std::uintptr_t keep_count, int device, std::uintptr_t stream) {
+        const auto args = make_args(boxes, dtype, order, labels, iou_threshold, keep);
+        const dbf_ext::NmsRotatedCudaScratch scratch{mask, mask_words, removed, keep_count};
+        py::gil_scoped_release release;
+        dbf_ext::nms_rotated_cuda(args, scratch, device, stream);
+      },
+      py::arg("boxes"), py::arg("dtype"), py::arg("order"), py::arg("labels"),
+      py::arg("iou_threshold"), py::arg("keep"), py::arg("mask"), py::arg("mask_words"),
+      py::arg("removed"), py::arg("keep_count"), py::arg("device"), py::arg("stream"));
+#endif
+}
+
+// Levels arrive as tuples (data, C, H, W, stride_n, stride_c, stride_h, stride_w, slab_offset,
+// scale_offset), built by dbf_ext/cache/layout.py.
+using LevelTuple = std::tuple<std::uintptr_t, std::int64_t, std::int64_t, std::int64_t,
+                              std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+                              std::int64_t, std::int64_t>;
+
+dbf_ext::FeatureCacheArgs feature_cache_args(const std::vector<LevelTuple>& levels, int map_dtype,
+                                             int storage_dtype, std::int64_t batch,
+                                             std::uintptr_t slab_addresses) {
+  dbf_ext::FeatureCacheArgs args;
+  for (const auto& t : levels) {
+    args.levels.push_back(dbf_ext::FeatureLevelDesc{
+        std::get<0>(t), std::get<1>(t), std::get<2>(t), std::get<3>(t), std::get<4>(t),
+        std::get<5>(t), std::get<6>(t), std::get<7>(t), std::get<8>(t), std::get<9>(t)});
+  }
+  args.map_dtype = dbf_ext::dtype_from_code(map_dtype);
+  args.storage_dtype = dbf_ext::dtype_from_code(storage_dtype);
+  args.batch = batch;
+  args.slab_addresses = slab_addresses;
+  return args;
+}
+
+template <void (*Kernel)(const dbf_ext::FeatureCacheArgs&, int)>
+void bind_feature_cache_cpu(py::module_& m, const char* name) {
+  m.def(
+      name,
+      [](const std::vector<LevelTuple>& levels, int map_dtype, int storage_dtype,
+         std::int64_t batch, std::uintptr_t slab_addresses, int num_threads) {
+        const auto args = feature_cache_args(levels, map_dtype, storage_dtype, batch, slab_addresses);
+        py::gil_scoped_release release;
+        Kernel(args, num_threads);
+      },
+      py::arg("levels"), py::arg("map_dtype"), py::arg("storage_dtype"), py::arg("batch"),
+      py::arg("slab_addresses"), py::arg("num_threads"));
+}
+
+#if defined(DBF_EXT_WITH_CUDA)
+template <void (*Kernel)(const dbf_ext::FeatureCacheArgs&, int, std::uintptr_t)>
+void bind_feature_cache_cuda(py::module_& m, const char* name) {
+  m.def(
+      name,
+      [](const std::vector<LevelTuple>& levels, int map_dtype, int storage_dtype,
+         std::int64_t batch, std::uintptr_t slab_addresses, int device, std::uintptr_t stream) {
+        const auto args = feature_cache_args(levels, map_dtype, storage_dtype, batch, slab_addresses);
+        py::gil_scoped_release release;
+        Kernel(args, device, stream);
+      },
+      py::arg("levels"), py::arg("map_dtype"), py::arg("storage_dtype"), py::arg("batch"),
+      py::arg("slab_addresses"), py::arg("device"), py::arg("stream"));
+}
+#endif
+
+void bind_feature_cache(py::module_& m) {
+  bind_feature_cache_cpu<dbf_ext::pack_features_cpu>(m, "pack_features_cpu");
+  bind_feature_cache_cpu<dbf_ext::unpack_features_cpu>(m, "unpack_features_cpu");
+#if defined(DBF_EXT_WITH_CUDA)
+  bind_feature_cache_cuda<dbf_ext::pack_features_cuda>(m, "pack_features_cuda");
+  bind_feature_cache_cuda<dbf_ext::unpack_features_cuda>(m, "unpack_features_cuda");
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -98,4 +197,6 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("cuda_status", &cuda_status);
   bind_box_iou_rotated(m);
+  bind_nms_rotated(m);
+  bind_feature_cache(m);
 }

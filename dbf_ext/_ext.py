@@ -14,7 +14,13 @@ from typing import Any
 import torch
 
 # Must match csrc/common/types.h (enum class DType).
-DTYPE_CODES = {torch.float32: 0, torch.float64: 1}
+DTYPE_CODES = {
+    torch.float32: 0,
+    torch.float64: 1,
+    torch.float16: 2,
+    torch.bfloat16: 3,
+    torch.float8_e4m3fn: 4,
+}
 
 
 @functools.lru_cache(maxsize=None)

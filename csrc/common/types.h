@@ -8,12 +8,13 @@
 namespace dbf_ext {
 
 // Scalar type codes; must match dbf_ext/_ext.py (DTYPE_CODES).
-enum class DType : int { Float32 = 0, Float64 = 1 };
+enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Float8E4M3 = 4 };
 
 inline DType dtype_from_code(int code) {
-  if (code == static_cast<int>(DType::Float32)) return DType::Float32;
-  if (code == static_cast<int>(DType::Float64)) return DType::Float64;
-  throw std::invalid_argument("dbf_ext._C: unsupported dtype code " + std::to_string(code));
+  if (code < 0 || code > static_cast<int>(DType::Float8E4M3)) {
+    throw std::invalid_argument("dbf_ext._C: unsupported dtype code " + std::to_string(code));
+  }
+  return static_cast<DType>(code);
 }
 
 // A (count, 5) array of rotated boxes, possibly strided.
@@ -33,6 +34,7 @@ auto dispatch_float(DType dtype, F&& fn) {
   switch (dtype) {
     case DType::Float32: return fn(float{});
     case DType::Float64: return fn(double{});
+    default: break;
   }
   throw std::invalid_argument("dbf_ext._C: unsupported dtype");
 }

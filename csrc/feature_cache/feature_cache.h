@@ -1,0 +1,100 @@
+// Pack / unpack of backbone feature maps into per-sample storage slabs (the feature cache's
+// kernels). Layout and semantics: dbf_ext/cache/layout.py, which computes the offsets passed
+// here; this file only moves and converts values.
+//
+// A sample's slab holds, for each level l, its C_l x H_l x W_l values in the storage format
+// (contiguous, channel-major) at byte `slab_offset`, and, for float8 storage, one float32
+// scale per channel at byte `scale_offset`: value = decoded float8 * scale, with
+// scale = max|x| / 448 over the channel's H x W values (1 for an all-zero channel).
+#pragma once
+#include <cstdint>
+#include <vector>
+
+#include "common/float_codecs.h"
+#include "common/macros.h"
+#include "common/types.h"
+
+namespace dbf_ext {
+
+struct FeatureLevelDesc {
+  std::uintptr_t data;  // pack: the (N, C, H, W) input map; unpack: the output map
+  std::int64_t channels, height, width;
+  std::int64_t stride_n, stride_c, stride_h, stride_w;  // in elements
+  std::int64_t slab_offset;   // bytes from a slab's start to this level's values
+  std::int64_t scale_offset;  // bytes from a slab's start to its float32 scales (float8 only)
+};
+
+struct FeatureCacheArgs {
+  std::vector<FeatureLevelDesc> levels;
+  DType map_dtype;      // float32, float16 or bfloat16
+  DType storage_dtype;  // float32, float16, bfloat16 or float8 e4m3
+  std::int64_t batch;
+  // Address of an int64 array with one slab start address per sample (host memory for the CPU
+  // kernels, device memory for CUDA): slabs need not be contiguous with each other.
+  std::uintptr_t slab_addresses;
+};
+
+void pack_features_cpu(const FeatureCacheArgs& args, int num_threads);
+void unpack_features_cpu(const FeatureCacheArgs& args, int num_threads);
+#if defined(DBF_EXT_WITH_CUDA)
+void pack_features_cuda(const FeatureCacheArgs& args, int device, std::uintptr_t stream);
+void unpack_features_cuda(const FeatureCacheArgs& args, int device, std::uintptr_t stream);
+#endif
+
+// The element formats, each with its bit type and exact float32 conversions; `scaled` formats
+// store values divided by a per-channel scale.
+namespace formats {
+struct Float32 {
+  static constexpr bool scaled = false;
+  using bits = float;
+  static DBF_HOST_DEVICE float decode(float v) { return v; }
+  static DBF_HOST_DEVICE float encode(float f) { return f; }
+};
+struct BFloat16 {
+  static constexpr bool scaled = false;
+  using bits = std::uint16_t;
+  static DBF_HOST_DEVICE float decode(bits v) { return codecs::bfloat16_to_float(v); }
+  static DBF_HOST_DEVICE bits encode(float f) { return codecs::float_to_bfloat16(f); }
+};
+struct Float16 {
+  static constexpr bool scaled = false;
+  using bits = std::uint16_t;
+  static DBF_HOST_DEVICE float decode(bits v) { return codecs::half_to_float(v); }
+  static DBF_HOST_DEVICE bits encode(float f) { return codecs::float_to_half(f); }
+};
+struct Float8E4M3 {
+  static constexpr bool scaled = true;
+  using bits = std::uint8_t;
+  static DBF_HOST_DEVICE float decode(bits v) { return codecs::float8_e4m3_to_float(v); }
+  static DBF_HOST_DEVICE bits encode(float f) { return codecs::float_to_float8_e4m3(f); }
+};
+
+template <typename F>
+auto dispatch(DType dtype, F&& fn) {
+  switch (dtype) {
+    case DType::Float32: return fn(Float32{});
+    case DType::BFloat16: return fn(BFloat16{});
+    case DType::Float16: return fn(Float16{});
+    case DType::Float8E4M3: return fn(Float8E4M3{});
+    default: break;
+  }
+  throw std::invalid_argument("dbf_ext feature cache: unsupported dtype");
+}
+
+}  // namespace formats
+
+// The scale of a float8 channel whose largest magnitude is `amax`: maps amax to 448, the
+// largest finite float8 e4m3 value. Non-finite or zero amax keeps scale 1 (zeros stay zeros,
+// non-finite values saturate or stay NaN).
+DBF_HOST_DEVICE float float8_channel_scale(float amax) {
+  const bool usable = amax > 0.0f && amax <= 3.4028234663852886e38f;
+  return usable ? amax / codecs::kFloat8E4M3Max : 1.0f;
+}
+
+// |x| ignoring NaN, for the channel maximum.
+DBF_HOST_DEVICE float magnitude_or_zero(float x) {
+  const float m = x < 0.0f ? -x : x;
+  return m == m ? m : 0.0f;
+}
+
+}  // namespace dbf_ext

@@ -1,0 +1,15 @@
+"""Feature cache for frozen backbones: tiered store, cached backbone, cache-aware data path."""
+
+from dbf_ext.cache.cached_backbone import CachedBackbone, weights_fingerprint
+from dbf_ext.cache.layout import STORAGE_DTYPES, SlabLayout
+from dbf_ext.cache.store import TIERS, CacheStats, FeatureCache
+
+__all__ = [
+    "STORAGE_DTYPES",
+    "TIERS",
+    "CacheStats",
+    "CachedBackbone",
+    "FeatureCache",
+    "SlabLayout",
+    "weights_fingerprint",
+]
