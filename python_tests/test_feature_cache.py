@@ -1,0 +1,318 @@
+"""FeatureCache + CachedBackbone on a torchvision Faster R-CNN: exactness, invalidation,
+budgets, disk spill, corruption, and the cache-aware data path."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+from torchvision.models.detection import FasterRCNN
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+
+from dbf_ext.cache import (
+    CacheAwareDataset,
+    CachedBackbone,
+    FeatureCache,
+    cache_aware_collate,
+)
+from dbf_ext.freeze import FrozenBackbone
+
+IMAGE = 96
+
+
+def build_model(cache: FeatureCache) -> tuple[FasterRCNN, CachedBackbone]:
+    """A small Faster R-CNN (ResNet-18 FPN with real BatchNorm) whose body is cached."""
+    torch.manual_seed(0)
+    backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5,
+                                   norm_layer=nn.BatchNorm2d)
+    model = FasterRCNN(backbone, num_classes=3, min_size=IMAGE, max_size=IMAGE,
+                       rpn_batch_size_per_image=32, box_batch_size_per_image=32)
+    cached = CachedBackbone(FrozenBackbone(model.backbone.body), cache)
+    model.backbone.body = cached
+    return model, cached
+
+
+def batches(num_batches: int = 2, batch_size: int = 2):
+    g = torch.Generator().manual_seed(5)
+    out = []
+    for b in range(num_batches):
+        images = [torch.rand(3, IMAGE, IMAGE, generator=g) for _ in range(batch_size)]
+        targets = []
+        for _ in range(batch_size):
+            xy = torch.rand(3, 2, generator=g) * 60
+            targets.append({"boxes": torch.cat([xy, xy + 10 + torch.rand(3, 2, generator=g) * 20], 1),
+                            "labels": torch.randint(1, 3, (3,), generator=g)})
+        keys = [(f"img{b}_{i}", "noflip") for i in range(batch_size)]
+        out.append((images, targets, keys))
+    return out
+
+
+def losses(model, cached, images, targets, keys):
+    torch.manual_seed(123)  # the RPN and RoI samplers draw random numbers
+    with cached.batch_keys(keys):
+        return model(images, targets)
+
+
+def total(loss_dict) -> torch.Tensor:
+    return sum(loss_dict.values())
+
+
+def run_epoch(model, cached, data, optimizer=None):
+    results = []
+    for images, targets, keys in data:
+        loss = losses(model, cached, images, targets, keys)
+        results.append({k: v.detach() for k, v in loss.items()})
+        if optimizer is not None:
+            optimizer.zero_grad()
+            total(loss).backward()
+            optimizer.step()
+    return results
+
+
+def recompute(model, cached, images, targets):
+    return losses(model, cached, images, targets, None)  # keys None: pass-through
+
+
+# Losses that depend continuously on the features. The RoI-head losses also depend on which
+# proposals survive top-k and NMS over nearly tied scores of an untrained model: a discrete
+# choice that a rounding of the features can flip, so they are compared exactly only for the
+# lossless store.
+RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16"])
+def test_second_frozen_epoch_is_all_hits_and_matches_recomputation(storage):
+    cache = FeatureCache(storage, cpu_bytes=1 << 30)
+    model, cached = build_model(cache)
+    model.train()
+    cached.backbone.set_frozen(True)
+    data = batches()
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    run_epoch(model, cached, data, optimizer)
+    assert cache.stats.misses == 4 and cache.stats.hits == 0 and len(cache) == 4
+    for images, targets, keys in data:  # second frozen epoch, heads have moved
+        got = losses(model, cached, images, targets, keys)
+        want = recompute(model, cached, images, targets)
+        if storage == "float32":
+            assert all(torch.equal(got[name], want[name]) for name in want)
+        else:
+            for name in RPN_LOSSES:
+                torch.testing.assert_close(got[name], want[name], rtol=1e-2, atol=1e-3)
+        with torch.no_grad():
+            backbone_input = model.transform(images)[0].tensors  # what the model feeds it
+            served = cached(backbone_input, keys)
+            fresh = cached(backbone_input, None)
+        for level in fresh:  # the stored features are exactly the rounded fresh ones
+            assert torch.equal(served[level], fresh[level].to(getattr(torch, storage)).float())
+    assert cache.stats.hits == 8 and cache.stats.misses == 4
+
+
+def test_hits_need_no_pixels():
+    cache = FeatureCache("float32")
+    model, cached = build_model(cache)
+    model.eval()
+    cached.backbone.set_frozen(True)
+    images, _, keys = batches(1)[0]
+    with torch.no_grad(), cached.batch_keys(keys):
+        first = model.backbone(torch.stack(images))
+        blank = model.backbone(torch.zeros(2, 3, IMAGE, IMAGE))  # served from the cache
+    for name in first:
+        assert torch.equal(first[name], blank[name])
+
+
+def test_no_stale_features_after_an_unfrozen_epoch():
+    cache = FeatureCache("float32")
+    model, cached = build_model(cache)
+    model.train()
+    data = batches()
+    cached.backbone.set_frozen(True)
+    run_epoch(model, cached, data)
+    assert len(cache) == 4
+    cached.backbone.set_frozen(False)  # an unfrozen epoch changes the backbone's weights
+    optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    run_epoch(model, cached, data, optimizer)
+    cached.backbone.set_frozen(True)
+    for images, targets, keys in data:
+        got = losses(model, cached, images, targets, keys)
+        want = recompute(model, cached, images, targets)
+        assert all(torch.equal(got[k], want[k]) for k in want)
+    assert cache.stats.invalidations == 1
+    assert cache.stats.hits == 0  # everything was recomputed after the weights changed
+
+
+def test_in_place_weight_change_invalidates():
+    cache = FeatureCache("float32")
+    model, cached = build_model(cache)
+    model.eval()
+    cached.backbone.set_frozen(True)
+    images, _, keys = batches(1)[0]
+    batch = torch.stack(images)
+    with torch.no_grad():
+        cached(batch, keys)
+        cached.backbone.load_state_dict(
+            {k: v * 1.01 if v.is_floating_point() else v for k, v in cached.backbone.state_dict().items()})
+        after = cached(batch, keys)
+        want = cached(batch, None)
+    assert all(torch.equal(after[k], want[k]) for k in want)
+
+
+def test_budgets_are_respected_and_overflow_is_not_an_error():
+    probe = FeatureCache("float32")
+    model, cached = build_model(probe)
+    cached.backbone.set_frozen(True)
+    images, _, keys = batches(1, batch_size=4)[0]
+    with torch.no_grad():
+        cached(torch.stack(images), keys)
+    per_sample = probe.bytes_used()["cpu"] // 4
+    cache = FeatureCache("float32", cpu_bytes=per_sample * 2 + per_sample // 2)
+    cached.cache = cache
+    with torch.no_grad():
+        out = cached(torch.stack(images), keys)
+    assert len(cache) == 2 and cache.stats.not_stored == 2
+    assert cache.bytes_used()["cpu"] <= cache.budgets["cpu"]
+    assert out["0"].shape[0] == 4
+
+
+def test_spill_to_disk_and_truncated_entry_is_recomputed(tmp_path):
+    cache = FeatureCache("bfloat16", cpu_bytes=0, disk_dir=tmp_path / "cache", disk_bytes=1 << 30)
+    model, cached = build_model(cache)
+    model.eval()
+    cached.backbone.set_frozen(True)
+    images, _, keys = batches(1)[0]
+    batch = torch.stack(images)
+    with torch.no_grad():
+        first = cached(batch, keys)
+        assert cache.entries_per_tier() == {"gpu": 0, "cpu": 0, "disk": 2}
+        assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
+        files = sorted((tmp_path / "cache").glob("*.dbfc"))
+        assert len(files) == 2 and all(keys[0][0] not in f.name for f in files)
+        from_disk = cached(torch.zeros_like(batch), keys)
+        for name in first:  # bfloat16 store, served from disk
+            assert torch.equal(from_disk[name], first[name].to(torch.bfloat16).float())
+        assert cache.stats.hits == 2
+        data = files[0].read_bytes()
+        files[0].write_bytes(data[: len(data) // 2])  # a crash mid-write, or a damaged disk
+        again = cached(batch, keys)
+        assert cache.stats.corrupt == 1
+        recomputed = cached(batch, None)
+        for name in first:
+            assert torch.equal(again[name], recomputed[name]) or torch.equal(
+                again[name], recomputed[name].to(torch.bfloat16).float())
+
+
+def test_passthrough_when_not_frozen():
+    cache = FeatureCache("float32")
+    model, cached = build_model(cache)
+    images, _, keys = batches(1)[0]
+    out = cached(torch.stack(images), keys)
+    assert len(cache) == 0 and cache.stats.misses == 0
+    assert out["0"].requires_grad  # trains as usual
+
+
+class FlipDataset:
+    """A tiny CacheableDataset: random images, horizontal flips keyed per (epoch, index)."""
+
+    def __init__(self, n: int = 4, uncacheable: bool = False):
+        g = torch.Generator().manual_seed(1)
+        self.images = [torch.rand(3, IMAGE, IMAGE, generator=g) for _ in range(n)]
+        self.boxes = [torch.tensor([[10.0, 20.0, 40.0, 50.0]]) for _ in range(n)]
+        self.decoded = 0
+        self.uncacheable = uncacheable
+
+    def __len__(self):
+        return len(self.images)
+
+    def sample_id(self, index):
+        return f"tile-{index}"
+
+    def augmentation_key(self, index, epoch):
+        if self.uncacheable:
+            return None
+        return ("hflip",) if (index + epoch) % 2 else ("none",)
+
+    def load_target(self, index, aug_key):
+        boxes = self.boxes[index].clone()
+        if aug_key == ("hflip",):
+            boxes[:, [0, 2]] = IMAGE - boxes[:, [2, 0]]
+        return {"boxes": boxes, "labels": torch.ones(1, dtype=torch.int64)}
+
+    def load_sample(self, index, aug_key):
+        self.decoded += 1
+        image = self.images[index]
+        if aug_key == ("hflip",):
+            image = image.flip(-1)
+        return image, self.load_target(index, aug_key)
+
+    def image_size(self, index, aug_key):
+        return IMAGE, IMAGE
+
+
+def test_cache_aware_data_path_skips_decoding():
+    cache = FeatureCache("float32")
+    model, cached = build_model(cache)
+    model.train()
+    cached.backbone.set_frozen(True)
+    dataset = FlipDataset()
+    adapter = CacheAwareDataset(dataset)
+    loader = torch.utils.data.DataLoader(adapter, batch_size=2, collate_fn=cache_aware_collate)
+    per_epoch = []
+    for epoch in range(4):
+        adapter.set_epoch(epoch, cache.keys_snapshot())
+        decoded_before = dataset.decoded
+        epoch_losses = []
+        for images, targets, keys in loader:
+            epoch_losses.append(total(losses(model, cached, images, targets, keys)))
+        per_epoch.append((dataset.decoded - decoded_before, epoch_losses))
+    # Flip keys alternate per epoch: epochs 0 and 1 fill the cache for both flip states,
+    # epochs 2 and 3 decode nothing and reuse features of epochs 0 and 1 exactly.
+    assert [d for d, _ in per_epoch] == [4, 4, 0, 0]
+    for a, b in zip(per_epoch[0][1], per_epoch[2][1]):
+        assert torch.equal(a, b)
+
+
+def test_uncacheable_augmentation_warns_and_bypasses():
+    cache = FeatureCache("float32")
+    _, cached = build_model(cache)
+    cached.backbone.set_frozen(True)
+    adapter = CacheAwareDataset(FlipDataset(uncacheable=True))
+    with pytest.warns(UserWarning, match="cannot be keyed"):
+        images, targets, keys = cache_aware_collate([adapter[0], adapter[1]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        adapter[2]  # warned once only
+    with torch.no_grad():
+        cached(torch.stack(images), keys)
+    assert keys == [None, None] and len(cache) == 0
+
+
+def test_rejects_datasets_without_the_protocol_and_bad_options():
+    with pytest.raises(TypeError, match="CacheableDataset"):
+        CacheAwareDataset([1, 2, 3])
+    with pytest.raises(ValueError, match="storage_dtype"):
+        FeatureCache("int4")
+    with pytest.raises(ValueError, match="cpu_bytes"):
+        FeatureCache(cpu_bytes=-1)
+    cache = FeatureCache("float32")
+    _, cached = build_model(cache)
+    cached.backbone.set_frozen(True)
+    with pytest.raises(ValueError, match="cache keys"):
+        cached(torch.zeros(2, 3, IMAGE, IMAGE), [("a", 0)])
+
+
+def test_stats_survive_a_checkpoint():
+    cache = FeatureCache("float32")
+    cache.stats.hits, cache.stats.misses = 7, 3
+    restored = FeatureCache("float32")
+    restored.load_state_dict(torch.load(_round_trip(cache.state_dict()), weights_only=True))
+    assert restored.stats.hits == 7 and restored.stats.hit_rate == 0.7
+
+
+def _round_trip(state):
+    import io
+
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    buffer.seek(0)
+    return buffer
