@@ -105,7 +105,7 @@ def poly2obb(polys: Tensor, version: str = "le90") -> Tensor:
             f"got {tuple(polys.shape)}"
         )
     _check_version(version)
-    points = polys.reshape(*polys.shape[:-1], -1, 2)  # (..., k, 2)
+    points = polys.reshape(*polys.shape[:-1], polys.shape[-1] // 2, 2)  # (..., k, 2)
     k = points.shape[-2]
     pairs = torch.tensor(list(itertools.combinations(range(k), 2)), device=polys.device)
     edges = points[..., pairs[:, 1], :] - points[..., pairs[:, 0], :]  # (..., P, 2)

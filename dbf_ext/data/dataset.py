@@ -1,0 +1,138 @@
+"""A torch ``Dataset`` of a DOTA-format folder, in torchvision's detection conventions."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from torch import Tensor
+from torch.utils.data import Dataset
+
+from dbf_ext.data.dota import DotaFolder, box_dim, polygons_to_hbb, polygons_to_obb
+
+Target = dict[str, Any]
+
+
+class DotaDetectionDataset(Dataset):
+    """Images and objects of a DOTA folder (``root/split/images``, ``root/split/labelTxt``).
+
+    ``dataset[i]`` is ``(image, target)``:
+
+    * ``image``: float32 ``(3, H, W)`` in ``[0, 1]`` (RGB);
+    * ``target["boxes"]``: float32 ``(K, 4)`` ``x1, y1, x2, y2`` (``box_type="hbb"``: the
+      enclosing box of each polygon) or ``(K, 5)`` ``cx, cy, w, h, theta`` (``"obb"``: the
+      minimum-area rotated box, radians, clockwise, in ``angle_version`` form);
+    * ``target["labels"]``: int64 ``(K,)`` = class index + 1 — label 0 is torchvision's
+      background, so ``classes[label - 1]`` is the name;
+    * ``target["difficult"]``: bool ``(K,)`` (difficult objects are included; training may
+      keep or drop them, evaluation ignores them);
+    * ``target["image_id"]``: the DOTA image id (file stem), as written in result files.
+
+    Args:
+        root: dataset folder; ``split`` (e.g. ``"train"``) selects ``root/split``.
+        classes: class names in label order; None discovers them (sorted) from this split —
+            give a validation split the training split's ``classes``.
+        box_type: ``"hbb"`` or ``"obb"``.
+        transforms: optional ``transforms(image, target) -> (image, target)`` applied by
+            ``__getitem__`` (not by ``load_target``); it must keep boxes consistent.
+        angle_version: angle form of rotated boxes (see :mod:`dbf_ext.boxes`).
+        errors: ``"raise"`` or ``"warn"`` for malformed label files (see :mod:`.dota`).
+
+    All label files are read and converted on construction; images are decoded per item.
+    """
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str | None = None,
+        classes: Sequence[str] | None = None,
+        box_type: str = "hbb",
+        transforms: Callable[[Tensor, Target], tuple[Tensor, Target]] | None = None,
+        *,
+        angle_version: str = "le90",
+        errors: str = "raise",
+    ):
+        box_dim(box_type)  # validates box_type before reading anything
+        self.split = split
+        self.box_type = box_type
+        self.transforms = transforms
+        self.folder = DotaFolder(Path(root) / split if split else Path(root), classes, errors=errors)
+        self.classes: tuple[str, ...] = self.folder.classes
+        self.image_ids: tuple[str, ...] = self.folder.image_ids
+        class_index = {name: i for i, name in enumerate(self.classes)}
+        labels = [self.folder.labels(image_id) for image_id in self.image_ids]
+        polygons = np.concatenate([lab.polygons for lab in labels]) if labels else np.zeros((0, 8))
+        # One batched conversion for the whole split, then split per image.
+        all_boxes = polygons_to_obb(polygons, angle_version) if box_type == "obb" else polygons_to_hbb(polygons)
+        bounds = np.cumsum([0] + [len(lab) for lab in labels])
+        self._boxes = [all_boxes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+        self._class_indices = [np.array([class_index[n] for n in lab.class_names], dtype=np.int64) for lab in labels]
+        self._difficult = [lab.difficult for lab in labels]
+
+    @property
+    def num_classes(self) -> int:
+        """Number of object classes (torchvision's ``num_classes`` is this + 1, background)."""
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.image_ids)
+
+    def __getitem__(self, idx: int) -> tuple[Tensor, Target]:
+        image, target = self.load_image(idx), self.load_target(idx)
+        if self.transforms is not None:
+            image, target = self.transforms(image, target)
+        return image, target
+
+    def sample_id(self, idx: int) -> str:
+        """A stable id of sample ``idx``, unique across the splits of one root:
+        ``"<split>/<image_id>"`` (``"<image_id>"`` without a split)."""
+        image_id = self.image_ids[idx]
+        return f"{self.split}/{image_id}" if self.split else image_id
+
+    def image_path(self, idx: int) -> Path:
+        return self.folder.image_path(self.image_ids[idx])
+
+    def image_size(self, idx: int) -> tuple[int, int]:
+        """``(width, height)`` of image ``idx``, read from the file header (no decoding)."""
+        with Image.open(self.image_path(idx)) as image:
+            return image.size
+
+    def load_image(self, idx: int) -> Tensor:
+        """float32 ``(3, H, W)`` RGB in ``[0, 1]``."""
+        with Image.open(self.image_path(idx)) as image:
+            pixels = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+
+    def load_target(self, idx: int) -> Target:
+        """The target of sample ``idx`` without reading the image (no transforms applied)."""
+        return {
+            "boxes": torch.from_numpy(self._boxes[idx]).float(),
+            "labels": torch.from_numpy(self._class_indices[idx] + 1),
+            "difficult": torch.from_numpy(self._difficult[idx].copy()),
+            "image_id": self.image_ids[idx],
+        }
+
+    def eval_annotations(self) -> list[dict[str, np.ndarray]]:
+        """Ground truth of every image in :func:`dbf_ext.evaluation.eval_map`'s format.
+
+        float64 boxes of ``box_type`` and 0-based labels; difficult objects go to
+        ``bboxes_ignore`` / ``labels_ignore``.
+        """
+        return [
+            {
+                "bboxes": boxes[~difficult],
+                "labels": labels[~difficult],
+                "bboxes_ignore": boxes[difficult],
+                "labels_ignore": labels[difficult],
+            }
+            for boxes, labels, difficult in zip(self._boxes, self._class_indices, self._difficult)
+        ]
+
+
+def collate_fn(batch: Sequence[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[Target]]:
+    """Batches ``(image, target)`` pairs as torchvision detectors take them: two lists."""
+    return [image for image, _ in batch], [target for _, target in batch]
