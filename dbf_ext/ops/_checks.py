@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import numbers
+
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -26,6 +29,15 @@ def check_rotated_boxes(name: str, boxes: object) -> torch.Tensor:
     return boxes
 
 
+def check_horizontal_boxes(name: str, boxes: object) -> torch.Tensor:
+    """Checks a ``(N, 4)`` floating tensor of axis-aligned boxes ``(x1, y1, x2, y2)``."""
+    boxes = check_tensor(name, boxes)
+    if boxes.dim() != 2 or boxes.shape[1] != 4:
+        raise ValueError(f"{name} must have shape (N, 4) = (x1, y1, x2, y2), got {tuple(boxes.shape)}")
+    check_float_dtype(name, boxes)
+    return boxes
+
+
 def check_float_dtype(name: str, tensor: torch.Tensor) -> None:
     if tensor.dtype not in FLOAT_DTYPES:
         raise TypeError(
@@ -43,3 +55,25 @@ def check_same_device(**tensors: torch.Tensor) -> torch.device:
     if first.type not in SUPPORTED_DEVICE_TYPES and first.type != "meta":
         raise ValueError(f"dbf_ext kernels run on CPU and CUDA tensors, got device {first}")
     return first
+
+
+def check_finite_number(name: str, value: object) -> float:
+    """A finite real number (Python or NumPy scalar; not a tensor, not a bool) as a float."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a real number, got {type(value).__name__}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
+def check_labels(name: str, labels: object, count: int) -> torch.Tensor:
+    """Checks a ``(count,)`` integer tensor of class labels (any integer dtype, not bool)."""
+    labels = check_tensor(name, labels)
+    if labels.dtype == torch.bool or labels.dtype.is_floating_point or labels.dtype.is_complex:
+        raise TypeError(f"{name} must be an integer tensor, got {labels.dtype}")
+    if labels.shape != (count,):
+        raise ValueError(
+            f"{name} must have shape ({count},) (one label per box), got {tuple(labels.shape)}"
+        )
+    return labels

@@ -5,6 +5,8 @@ next to each kernel). Used by the tests as a second opinion and by the benchmark
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 from torch import Tensor
 
@@ -101,3 +103,31 @@ def box_iou_rotated_reference(
         ratio = (inter / denom).nan_to_num(0.0).clamp(0, 1)
         out[start : start + chunk_pairs] = torch.where(v1[j1] & v2[j2], ratio, 0)
     return out if aligned else out.reshape(boxes1.shape[0], boxes2.shape[0])
+
+
+def nms_rotated_reference(
+    boxes: Tensor,
+    scores: Tensor,
+    iou_threshold: float,
+    labels: Tensor | None = None,
+    pairwise_iou: Callable[[Tensor, Tensor], Tensor] = box_iou_rotated_reference,
+) -> Tensor:
+    """Same contract as :func:`dbf_ext.ops.nms_rotated`: textbook greedy NMS over a dense
+    ``(N, N)`` IoU matrix (``O(N^2)`` memory).
+
+    ``pairwise_iou`` computes the matrix: the plain torch reference by default; the benchmarks
+    pass ``dbf_ext.ops.box_iou_rotated`` to measure the greedy loop over a fast matrix.
+    """
+    order = torch.sort(scores, descending=True, stable=True).indices
+    sorted_boxes = boxes[order]
+    suppresses = pairwise_iou(sorted_boxes, sorted_boxes) > iou_threshold
+    if labels is not None:
+        sorted_labels = labels[order]
+        suppresses &= sorted_labels[:, None] == sorted_labels[None, :]
+    removed = torch.zeros(boxes.shape[0], dtype=torch.bool, device=boxes.device)
+    kept = []
+    for i in range(boxes.shape[0]):
+        if not removed[i]:
+            kept.append(i)
+            removed |= suppresses[i]  # also marks earlier boxes, whose fate is already decided
+    return order[torch.tensor(kept, dtype=torch.int64, device=boxes.device)]
