@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -39,6 +40,120 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_summary(result, console) -> None:
+    from rich.table import Table
+
+    from dbf_ext.train import summary_rows
+
+    table = Table(title="dbf_ext training summary", show_header=False)
+    table.add_column("quantity")
+    table.add_column("value", justify="right")
+    for name, value in summary_rows(result):
+        table.add_row(name, value)
+    console.print(table)
+
+
+def _run_training(config, plot: str | None) -> int:
+    from rich.console import Console
+
+    from dbf_ext.train import plot_history, train
+
+    console = Console()
+    result = train(config, console=console)
+    _print_summary(result, console)
+    if plot:
+        plot_history(result, plot)
+        console.print(f"plot written to {plot}")
+    return 0
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
+    from dbf_ext.train import TrainConfig
+
+    root = prepare_synthetic_dota(SyntheticConfig(), quiet=False)
+    print(f"synthetic aerial set: {root} (48 train / 16 val tiles, 4 classes)")
+    config = TrainConfig(
+        data=str(root),
+        output_dir=args.output,
+        epochs=args.epochs,
+        schedule="step-interval",
+        unfrozen_epochs=tuple(range(args.unfrozen)),
+        cache="bfloat16:cpu=1GB",
+        eval_every=4,
+        device=args.device,
+    )
+    print(f"training Faster R-CNN ({config.model}) for {config.epochs} epochs: backbone trained in "
+          f"epochs 0-{args.unfrozen - 1}, frozen after (DBF), features cached in bfloat16")
+    return _run_training(config, args.plot or str(Path(args.output) / "demo.png"))
+
+
+def _cmd_train(args: argparse.Namespace) -> int:
+    from dbf_ext.train import TrainConfig
+
+    if args.format != "dota":
+        raise ValueError(f"unsupported --format {args.format!r} (supported: dota)")
+    config = TrainConfig(
+        data=args.data,
+        output_dir=args.output,
+        model=args.model,
+        image_size=args.image_size,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        schedule=args.schedule,
+        unfrozen_epochs=_epoch_list(args.unfrozen_epochs),
+        step_epoch=args.step_epoch,
+        freeze_epoch=args.freeze_epoch,
+        cache=args.cache,
+        cache_dir=args.cache_dir,
+        hflip=args.hflip,
+        dynamic_rcnn=args.dynamic_rcnn,
+        amp=not args.no_amp,
+        device=args.device,
+        workers=args.workers,
+        eval_every=args.eval_every,
+        seed=args.seed,
+        resume=args.resume,
+    )
+    return _run_training(config, args.plot)
+
+
+def _cmd_eval(args: argparse.Namespace) -> int:
+    import torch
+
+    from dbf_ext.data import DotaDetectionDataset
+    from dbf_ext.train import build_detector, evaluate
+
+    checkpoint = Path(args.checkpoint)
+    if not checkpoint.is_file():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
+    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    config = state["config"]
+    train_set = DotaDetectionDataset(config["data"], "train")
+    dataset = DotaDetectionDataset(args.data or config["data"], args.split, classes=train_set.classes)
+    model = build_detector(config["model"], train_set.num_classes, config["image_size"])
+    model.load_state_dict(state["model"])
+    device = torch.device(args.device if args.device != "auto" else
+                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    mean_ap, per_class = evaluate(model.to(device), dataset, device, iou_thr=args.iou_thr)
+    print(f"mAP@{args.iou_thr} (VOC07) on {len(dataset)} images of '{args.split}': {mean_ap:.4f}")
+    for name, ap in per_class.items():
+        print(f"  {name:24s} {ap:.4f}")
+    return 0
+
+
+def _epoch_list(text: str) -> tuple[int, ...]:
+    """``"1,21,41"`` or ``"0-5,10"`` -> epochs."""
+    epochs: list[int] = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        first, _, last = part.partition("-")
+        if not first.isdigit() or (last and not last.isdigit()):
+            raise ValueError(f"--unfrozen-epochs takes epochs like 1,21,41 or 0-5,10; got {text!r}")
+        epochs.extend(range(int(first), int(last or first) + 1))
+    return tuple(epochs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="dbf-ext",
@@ -48,6 +163,59 @@ def build_parser() -> argparse.ArgumentParser:
     info = commands.add_parser("info", help="version, compiled kernels and GPU availability")
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(handler=_cmd_info)
+
+    demo = commands.add_parser(
+        "demo", help="train on the embedded synthetic aerial set with DBF + feature cache")
+    demo.add_argument("--epochs", type=int, default=16)
+    demo.add_argument("--unfrozen", type=int, default=6,
+                      help="the backbone trains in the first N epochs, frozen after (default 6)")
+    demo.add_argument("--output", default="dbf_ext_demo", help="run folder (log, checkpoint, plot)")
+    demo.add_argument("--plot", help="plot path (default: OUTPUT/demo.png)")
+    demo.add_argument("--device", default="auto")
+    demo.set_defaults(handler=_cmd_demo)
+
+    from dbf_ext.train.loop import SCHEDULES, TrainConfig
+    from dbf_ext.train.model import MODELS
+
+    defaults = TrainConfig(data="")
+    tr = commands.add_parser("train", help="train a detector on a DOTA-format folder")
+    tr.add_argument("--data", required=True, help="folder with train/ and val/ DOTA splits")
+    tr.add_argument("--format", default="dota", help="dataset format (dota)")
+    tr.add_argument("--output", default=defaults.output_dir)
+    tr.add_argument("--model", choices=MODELS, default=defaults.model)
+    tr.add_argument("--image-size", type=int, default=defaults.image_size)
+    tr.add_argument("--epochs", type=int, default=defaults.epochs)
+    tr.add_argument("--batch-size", type=int, default=defaults.batch_size)
+    tr.add_argument("--lr", type=float, default=defaults.lr)
+    tr.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
+    tr.add_argument("--unfrozen-epochs", default="0",
+                    help="step-interval: epochs in which the backbone trains, e.g. 1,21,41 or 0-5")
+    tr.add_argument("--step-epoch", type=int, default=defaults.step_epoch,
+                    help="even-interval: the backbone trains when epoch %% k == 0")
+    tr.add_argument("--freeze-epoch", type=int, default=defaults.freeze_epoch,
+                    help="frozen-after / frozen-until: the epoch of the switch")
+    tr.add_argument("--cache", default=defaults.cache,
+                    help="feature cache: DTYPE[:TIER=SIZE,...] (dtype float32|bfloat16|float16|"
+                         "float8_e4m3; tiers gpu, cpu, disk), or off")
+    tr.add_argument("--cache-dir", help="folder of the disk tier (default OUTPUT/feature_cache)")
+    tr.add_argument("--hflip", type=float, default=defaults.hflip)
+    tr.add_argument("--dynamic-rcnn", action="store_true", help="Dynamic R-CNN label assignment")
+    tr.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
+    tr.add_argument("--device", default="auto")
+    tr.add_argument("--workers", type=int, default=defaults.workers)
+    tr.add_argument("--eval-every", type=int, default=defaults.eval_every)
+    tr.add_argument("--seed", type=int, default=defaults.seed)
+    tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    tr.add_argument("--plot", help="write losses, mAP and the freeze timeline to this PNG")
+    tr.set_defaults(handler=_cmd_train)
+
+    ev = commands.add_parser("eval", help="mAP of a checkpoint on a DOTA-format split")
+    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
+    ev.add_argument("--split", default="val")
+    ev.add_argument("--iou-thr", type=float, default=0.5)
+    ev.add_argument("--device", default="auto")
+    ev.set_defaults(handler=_cmd_eval)
     return parser
 
 
@@ -59,7 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
-    except (ValueError, FileNotFoundError, ImportError) as err:
+    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
         print(f"dbf-ext {args.command}: error: {err}", file=sys.stderr)
         return 1
 

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
 from dbf_ext.cache.store import CacheKey, FeatureCache
+from dbf_ext.freeze.frozen_backbone import nest_wrapped_keys
 
 
 def weights_fingerprint(module: nn.Module) -> Hashable:
@@ -63,6 +64,13 @@ class CachedBackbone(nn.Module):
         self._keys: Sequence[CacheKey | None] | None = None
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending_timings: list[tuple[Any, Any, int]] = []
+        self.register_load_state_dict_pre_hook(
+            lambda module, state_dict, prefix, *_: nest_wrapped_keys(state_dict, prefix))
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The wrapped backbone's state dict with its own keys (no extra level), so checkpoints
+        load into the model without the cache, and back."""
+        return self.backbone.state_dict(*args, **kwargs)
 
     @property
     def frozen(self) -> bool:

@@ -345,6 +345,9 @@ class _Scene:
         diameter = rng.uniform(18, 32)
         cols, rows = int(rng.integers(1, 4)), int(rng.integers(1, 3))
         pitch = diameter + rng.uniform(5, 10)
+        # Small tiles fit fewer tanks per row and column (default tiles always fit the draw).
+        fitting = 1 + int((self.size - 2 * diameter) // pitch)
+        cols, rows = min(cols, fitting), min(rows, fitting)
         x0 = rng.uniform(diameter, self.size - diameter - (cols - 1) * pitch)
         y0 = rng.uniform(diameter, self.size - diameter - (rows - 1) * pitch)
         for row in range(rows):

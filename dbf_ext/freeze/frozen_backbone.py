@@ -30,14 +30,14 @@ from torch import nn
 __all__ = ["FrozenBackbone"]
 
 
-def _load_with_unwrapped_keys(
-    module: FrozenBackbone, state_dict: dict[str, Any], prefix: str, *unused_hook_args: Any
-) -> None:
-    """Load-state-dict pre-hook: accept the unwrapped key layout (see ``FrozenBackbone.state_dict``).
+def nest_wrapped_keys(state_dict: dict[str, Any], prefix: str, inner: str = "backbone") -> None:
+    """Moves every ``prefix + key`` of ``state_dict`` to ``prefix + inner + "." + key``, in place.
 
-    Moves every ``prefix + key`` to ``prefix + "backbone." + key`` so the wrapped module finds it.
+    For wrappers whose ``state_dict()`` hides their own level (this one and
+    :class:`dbf_ext.cache.CachedBackbone`): their load pre-hook calls this, so checkpoints of the
+    unwrapped model load into the wrapped one and back.
     """
-    inner_prefix = f"{prefix}backbone."
+    inner_prefix = f"{prefix}{inner}."
     # Pop everything first, then insert: renaming one key at a time could overwrite a key that
     # is itself still waiting to be renamed.
     moved = {
@@ -45,6 +45,13 @@ def _load_with_unwrapped_keys(
         for key in [key for key in state_dict if key.startswith(prefix)]
     }
     state_dict.update(moved)
+
+
+def _load_with_unwrapped_keys(
+    module: FrozenBackbone, state_dict: dict[str, Any], prefix: str, *unused_hook_args: Any
+) -> None:
+    """Load-state-dict pre-hook: accept the unwrapped key layout (see ``FrozenBackbone.state_dict``)."""
+    nest_wrapped_keys(state_dict, prefix)
     module.mark_weights_changed()
 
 
