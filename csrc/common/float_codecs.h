@@ -57,73 +57,79 @@ DBF_HOST_DEVICE float bfloat16_to_float(std::uint16_t h) {
   return bits_float(static_cast<std::uint32_t>(h) << 16);
 }
 
-// ---- float16 (IEEE binary16) ----
+// ---- narrow floats: float16 (IEEE binary16) and float8 e4m3fn ----
+//
+// Both are sign / exponent / mantissa formats rounded from float32 the same way; they differ in
+// their widths and in what the top exponent means (binary16: inf / NaN; e4m3fn: ordinary
+// values, with S.1111.111 as NaN, and saturation instead of overflow to infinity).
+template <int kExponentBits, int kMantissaBits, bool kIeeeSpecials>
+struct NarrowFloat {
+  static constexpr int kBits = 1 + kExponentBits + kMantissaBits;
+  static constexpr std::uint32_t kBias = (1u << (kExponentBits - 1)) - 1u;
+  static constexpr std::uint32_t kShift = 23u - kMantissaBits;  // float32 mantissa bits dropped
+  static constexpr std::uint32_t kMaxFiniteCode =
+      kIeeeSpecials ? ((1u << kExponentBits) - 2u) << kMantissaBits | ((1u << kMantissaBits) - 1u)
+                    : (1u << (kBits - 1)) - 2u;
+  static constexpr std::uint32_t kNanCode =
+      kIeeeSpecials ? (((1u << kExponentBits) - 1u) << kMantissaBits) | (1u << (kMantissaBits - 1))
+                    : (1u << (kBits - 1)) - 1u;
+  // float32 bits of the smallest normal value, 2^(1 - bias).
+  static constexpr std::uint32_t kMinNormalBits = (127u + 1u - kBias) << 23;
+  // float32 bits from which values round past the largest finite one: its value plus half a
+  // unit in its last place.
+  static constexpr std::uint32_t kOverflowBits =
+      ((kMaxFiniteCode >> kMantissaBits) + 127u - kBias) << 23 |
+      (kMaxFiniteCode & ((1u << kMantissaBits) - 1u)) << kShift | (1u << (kShift - 1u));
 
-DBF_HOST_DEVICE std::uint16_t float_to_half(float f) {
-  const std::uint32_t u = float_bits(f);
-  const std::uint16_t sign = static_cast<std::uint16_t>((u >> 16) & 0x8000u);
-  const std::uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return sign | 0x7e00;        // NaN
-  if (a >= 0x477ff000u) return sign | 0x7c00;       // >= 65520 rounds to infinity
-  if (a < 0x38800000u) {                            // below 2^-14: half subnormal
-    // In units of the smallest subnormal (2^-24) the value is mantissa >> drop, mantissa with
-    // its implicit bit; round that shift to nearest, ties to even. A result of 1024 is the
-    // smallest normal, which has the same encoding.
-    const std::uint32_t drop = 126u - (a >> 23);  // >= 14 in this branch
-    if (drop > 24u) return sign;                   // below half the smallest subnormal
-    return sign | static_cast<std::uint16_t>(shift_right_rounded((a & 0x7fffffu) | 0x800000u, drop));
+  static DBF_HOST_DEVICE std::uint32_t encode(float f) {
+    const std::uint32_t u = float_bits(f);
+    const std::uint32_t sign = (u >> 31) << (kBits - 1);
+    const std::uint32_t a = u & 0x7fffffffu;
+    if (a > 0x7f800000u) return sign | kNanCode;
+    if (a >= kOverflowBits) {  // infinity (binary16) or saturation (e4m3fn)
+      return sign | (kIeeeSpecials ? (kMaxFiniteCode + 1u) : kMaxFiniteCode);
+    }
+    if (a < kMinNormalBits) {
+      // Subnormal: in units of the smallest subnormal, 2^(1 - bias - mantissa bits), the value
+      // is the 24-bit mantissa shifted right by `drop`, rounded to nearest even. A result of
+      // 2^mantissa bits is the smallest normal, which has the same encoding.
+      const std::uint32_t drop = 151u - kBias - kMantissaBits - (a >> 23);
+      if (drop > 24u) return sign;  // below half the smallest subnormal
+      return sign | shift_right_rounded((a & 0x7fffffu) | 0x800000u, drop);
+    }
+    // Normal: round the mantissa (ties to even); a carry moves into the exponent, which is
+    // the correct result. Then rebias the exponent.
+    const std::uint32_t rounded = a + ((1u << (kShift - 1u)) - 1u) + ((a >> kShift) & 1u);
+    return sign | ((rounded >> kShift) - ((127u - kBias) << kMantissaBits));
   }
-  // Normal: round the 23-bit mantissa to 10 bits (ties to even); a carry moves into the
-  // exponent, which is the correct result. Rebias the exponent from 127 to 15.
-  const std::uint32_t rounded = a + 0xfffu + ((a >> 13) & 1u);
-  return sign | static_cast<std::uint16_t>((rounded >> 13) - ((127u - 15u) << 10));
-}
 
-DBF_HOST_DEVICE float half_to_float(std::uint16_t h) {
-  const std::uint32_t sign = static_cast<std::uint32_t>(h & 0x8000u) << 16;
-  const std::uint32_t exponent = (h >> 10) & 0x1fu;
-  const std::uint32_t mantissa = h & 0x3ffu;
-  if (exponent == 0x1fu) return bits_float(sign | 0x7f800000u | (mantissa << 13));  // inf/NaN
-  if (exponent == 0) {
-    // Subnormal (or zero): mantissa * 2^-24, exact in float32.
-    const float magnitude = static_cast<float>(mantissa) * 5.9604644775390625e-08f;
-    return bits_float(sign | float_bits(magnitude));
+  static DBF_HOST_DEVICE float decode(std::uint32_t code) {
+    const std::uint32_t sign = ((code >> (kBits - 1)) & 1u) << 31;
+    const std::uint32_t exponent = (code >> kMantissaBits) & ((1u << kExponentBits) - 1u);
+    const std::uint32_t mantissa = code & ((1u << kMantissaBits) - 1u);
+    if ((code & ((1u << (kBits - 1)) - 1u)) == kNanCode) return bits_float(sign | 0x7fc00000u);
+    if (kIeeeSpecials && exponent == (1u << kExponentBits) - 1u) {
+      return bits_float(sign | 0x7f800000u);  // infinity (NaN handled above)
+    }
+    if (exponent == 0) {  // subnormal or zero: mantissa * 2^(1 - bias - mantissa bits), exact
+      const float unit = bits_float((128u - kBias - kMantissaBits) << 23);
+      return bits_float(sign | float_bits(static_cast<float>(mantissa) * unit));
+    }
+    return bits_float(sign | ((exponent + 127u - kBias) << 23) | (mantissa << kShift));
   }
-  return bits_float(sign | ((exponent + (127u - 15u)) << 23) | (mantissa << 13));
-}
+};
 
-// ---- float8 e4m3fn ----
+using Half = NarrowFloat<5, 10, true>;
+using Float8E4M3 = NarrowFloat<4, 3, false>;
+
+DBF_HOST_DEVICE std::uint16_t float_to_half(float f) { return static_cast<std::uint16_t>(Half::encode(f)); }
+DBF_HOST_DEVICE float half_to_float(std::uint16_t h) { return Half::decode(h); }
+DBF_HOST_DEVICE std::uint8_t float_to_float8_e4m3(float f) {
+  return static_cast<std::uint8_t>(Float8E4M3::encode(f));
+}
+DBF_HOST_DEVICE float float8_e4m3_to_float(std::uint8_t b) { return Float8E4M3::decode(b); }
 
 constexpr float kFloat8E4M3Max = 448.0f;
-
-DBF_HOST_DEVICE std::uint8_t float_to_float8_e4m3(float f) {
-  const std::uint32_t u = float_bits(f);
-  const std::uint8_t sign = static_cast<std::uint8_t>((u >> 24) & 0x80u);
-  const std::uint32_t a = u & 0x7fffffffu;
-  if (a > 0x7f800000u) return sign | 0x7f;  // NaN
-  if (a >= 0x43e00000u) return sign | 0x7e; // >= 448 (and inf): saturate to 448
-  if (a < 0x3c800000u) {                    // below 2^-6: e4m3 subnormal, units of 2^-9
-    const std::uint32_t drop = 141u - (a >> 23);  // >= 21 in this branch
-    if (drop > 24u) return sign;                   // below half the smallest subnormal
-    // A result of 8 is the smallest normal, which has the same encoding.
-    return sign | static_cast<std::uint8_t>(shift_right_rounded((a & 0x7fffffu) | 0x800000u, drop));
-  }
-  // Normal: round the mantissa to 3 bits (ties to even), rebias the exponent 127 -> 7.
-  const std::uint32_t rounded = a + 0x7ffffu + ((a >> 20) & 1u);
-  return sign | static_cast<std::uint8_t>((rounded >> 20) - ((127u - 7u) << 3));
-}
-
-DBF_HOST_DEVICE float float8_e4m3_to_float(std::uint8_t b) {
-  const std::uint32_t sign = static_cast<std::uint32_t>(b & 0x80u) << 24;
-  const std::uint32_t exponent = (b >> 3) & 0xfu;
-  const std::uint32_t mantissa = b & 0x7u;
-  if (exponent == 0xfu && mantissa == 0x7u) return bits_float(sign | 0x7fc00000u);  // NaN
-  if (exponent == 0) {
-    const float magnitude = static_cast<float>(mantissa) * 0.001953125f;  // 2^-9
-    return bits_float(sign | float_bits(magnitude));
-  }
-  return bits_float(sign | ((exponent + (127u - 7u)) << 23) | (mantissa << 20));
-}
 
 }  // namespace codecs
 }  // namespace dbf_ext

@@ -91,6 +91,20 @@ DBF_HOST_DEVICE float float8_channel_scale(float amax) {
   return usable ? amax / codecs::kFloat8E4M3Max : 1.0f;
 }
 
+// One value of a map into the store and back. Plain IEEE division and multiplication: nvcc's
+// defaults (-prec-div=true, no fast math) round them exactly like the CPU build.
+template <typename Map, typename Store>
+DBF_HOST_DEVICE typename Store::bits pack_value(typename Map::bits value, float scale) {
+  const float x = Map::decode(value);
+  return Store::encode(Store::scaled ? x / scale : x);
+}
+
+template <typename Map, typename Store>
+DBF_HOST_DEVICE typename Map::bits unpack_value(typename Store::bits stored, float scale) {
+  const float x = Store::decode(stored);
+  return Map::encode(Store::scaled ? x * scale : x);
+}
+
 // |x| ignoring NaN, for the channel maximum.
 DBF_HOST_DEVICE float magnitude_or_zero(float x) {
   const float m = x < 0.0f ? -x : x;

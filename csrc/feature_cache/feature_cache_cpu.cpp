@@ -54,10 +54,8 @@ void pack(const FeatureCacheArgs& args, int num_threads) {
       reinterpret_cast<float*>(slab + level.scale_offset)[row.channel] = scale;
     }
     for (std::int64_t y = 0; y < level.height; ++y)
-      for (std::int64_t x = 0; x < level.width; ++x) {
-        const float value = Map::decode(src[row.map_index(y, x)]);
-        dst[y * level.width + x] = Store::encode(Store::scaled ? value / scale : value);
-      }
+      for (std::int64_t x = 0; x < level.width; ++x)
+        dst[y * level.width + x] = pack_value<Map, Store>(src[row.map_index(y, x)], scale);
   });
 }
 
@@ -74,10 +72,8 @@ void unpack(const FeatureCacheArgs& args, int num_threads) {
                             ? reinterpret_cast<const float*>(slab + level.scale_offset)[row.channel]
                             : 1.0f;
     for (std::int64_t y = 0; y < level.height; ++y)
-      for (std::int64_t x = 0; x < level.width; ++x) {
-        const float value = Store::decode(src[y * level.width + x]);
-        out[row.map_index(y, x)] = Map::encode(Store::scaled ? value * scale : value);
-      }
+      for (std::int64_t x = 0; x < level.width; ++x)
+        out[row.map_index(y, x)] = unpack_value<Map, Store>(src[y * level.width + x], scale);
   });
 }
 

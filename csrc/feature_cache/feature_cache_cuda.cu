@@ -65,9 +65,7 @@ __global__ void pack_kernel(FeatureLevelDesc level, const std::int64_t* slab_add
     if (threadIdx.x == 0) reinterpret_cast<float*>(slab + level.scale_offset)[row.channel] = scale;
   }
   for (std::int64_t i = threadIdx.x; i < plane; i += blockDim.x) {
-    const float value = Map::decode(src[map_index(level, row, i)]);
-    // __fdiv_rn: correctly rounded like the CPU build's division.
-    dst[i] = Store::encode(Store::scaled ? __fdiv_rn(value, scale) : value);
+    dst[i] = pack_value<Map, Store>(src[map_index(level, row, i)], scale);
   }
 }
 
@@ -83,9 +81,7 @@ __global__ void unpack_kernel(FeatureLevelDesc level, const std::int64_t* slab_a
                           ? reinterpret_cast<const float*>(slab + level.scale_offset)[row.channel]
                           : 1.0f;
   for (std::int64_t i = threadIdx.x; i < plane; i += blockDim.x) {
-    const float value = Store::decode(src[i]);
-    out[map_index(level, row, i)] =
-        Map::encode(Store::scaled ? __fmul_rn(value, scale) : value);
+    out[map_index(level, row, i)] = unpack_value<Map, Store>(src[i], scale);
   }
 }
 
