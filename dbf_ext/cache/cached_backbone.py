@@ -105,7 +105,8 @@ class CachedBackbone(nn.Module):
             pending = self.cache.start_load([keys[i] for i in hits], images.device, stream)
             if pending is None:  # a disk entry failed verification: recompute those samples
                 hits = []
-        misses = [i for i in range(len(keys)) if i not in set(hits)]
+        hit_set = set(hits)
+        misses = [i for i in range(len(keys)) if i not in hit_set]
         self.cache.stats.misses += len(misses)
         computed = structure = None
         if misses:
