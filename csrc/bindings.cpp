@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "assign/assign.h"
 #include "box_iou_rotated/box_iou_rotated.h"
 #include "common/device_info.h"
 #include "common/types.h"
@@ -190,6 +191,56 @@ void bind_feature_cache(py::module_& m) {
 #endif
 }
 
+void bind_assign(py::module_& m) {
+  using dbf_ext::MaxIouAssignArgs;
+  py::class_<MaxIouAssignArgs>(m, "MaxIouAssignArgs")
+      .def(py::init<>())
+      .def_readwrite("box_kind", &MaxIouAssignArgs::box_kind)
+      .def_readwrite("dtype", &MaxIouAssignArgs::dtype)
+      .def_readwrite("num_images", &MaxIouAssignArgs::num_images)
+      .def_readwrite("boxes", &MaxIouAssignArgs::boxes)
+      .def_readwrite("gts", &MaxIouAssignArgs::gts)
+      .def_readwrite("ignore", &MaxIouAssignArgs::ignore)
+      .def_readwrite("box_offsets", &MaxIouAssignArgs::box_offsets)
+      .def_readwrite("gt_offsets", &MaxIouAssignArgs::gt_offsets)
+      .def_readwrite("ignore_offsets", &MaxIouAssignArgs::ignore_offsets)
+      .def_readwrite("max_boxes_per_image", &MaxIouAssignArgs::max_boxes_per_image)
+      .def_readwrite("max_gts_per_image", &MaxIouAssignArgs::max_gts_per_image)
+      .def_readwrite("gt_labels", &MaxIouAssignArgs::gt_labels)
+      .def_readwrite("pos_iou_thr", &MaxIouAssignArgs::pos_iou_thr)
+      .def_readwrite("neg_iou_lo", &MaxIouAssignArgs::neg_iou_lo)
+      .def_readwrite("neg_iou_hi", &MaxIouAssignArgs::neg_iou_hi)
+      .def_readwrite("min_pos_iou", &MaxIouAssignArgs::min_pos_iou)
+      .def_readwrite("gt_max_assign_all", &MaxIouAssignArgs::gt_max_assign_all)
+      .def_readwrite("match_low_quality", &MaxIouAssignArgs::match_low_quality)
+      .def_readwrite("ignore_iof_thr", &MaxIouAssignArgs::ignore_iof_thr)
+      .def_readwrite("ignore_wrt_candidates", &MaxIouAssignArgs::ignore_wrt_candidates)
+      .def_readwrite("gt_inds", &MaxIouAssignArgs::gt_inds)
+      .def_readwrite("max_overlaps", &MaxIouAssignArgs::max_overlaps)
+      .def_readwrite("labels", &MaxIouAssignArgs::labels)
+      .def_readwrite("topk", &MaxIouAssignArgs::topk)
+      .def_readwrite("kth_largest", &MaxIouAssignArgs::kth_largest)
+      .def_readwrite("gt_max", &MaxIouAssignArgs::gt_max)
+      .def_readwrite("gt_argmax_box", &MaxIouAssignArgs::gt_argmax_box)
+      .def_readwrite("image_first_live", &MaxIouAssignArgs::image_first_live);
+  m.def(
+      "max_iou_assign_cpu",
+      [](const MaxIouAssignArgs& args, int num_threads) {
+        py::gil_scoped_release release;
+        dbf_ext::max_iou_assign_cpu(args, num_threads);
+      },
+      py::arg("args"), py::arg("num_threads"));
+#if defined(DBF_EXT_WITH_CUDA)
+  m.def(
+      "max_iou_assign_cuda",
+      [](const MaxIouAssignArgs& args, int device, std::uintptr_t stream) {
+        py::gil_scoped_release release;
+        dbf_ext::max_iou_assign_cuda(args, device, stream);
+      },
+      py::arg("args"), py::arg("device"), py::arg("stream"));
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -197,6 +248,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("build_info", &build_info);
   m.def("cuda_status", &cuda_status);
   bind_box_iou_rotated(m);
+  bind_assign(m);
   bind_nms_rotated(m);
   bind_feature_cache(m);
 }

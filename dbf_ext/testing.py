@@ -1,14 +1,20 @@
-"""Generators of DOTA-like rotated boxes, shared by the tests, the benchmarks and the docs.
+"""Generators of DOTA-like rotated boxes and FPN anchors, and a peak-memory probe, shared by
+the tests, the benchmarks and the docs.
 
 The defaults follow DESIGN.md section 4: a 1024 x 1024 tile, sides 4-100 px, uniform angles.
 """
 
 from __future__ import annotations
 
+import ctypes
 import math
+from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 from torch import Tensor
+
+R = TypeVar("R")
 
 
 def random_rotated_boxes(
@@ -58,3 +64,35 @@ def clustered_rotated_boxes(
     boxes[:, 2:4] *= 1 + noise[:, 2:4] * jitter
     boxes[:, 4] += noise[:, 4] * jitter
     return boxes.to(dtype)
+
+
+def fpn_anchors(image_size: int = 1024, strides: tuple[int, ...] = (4, 8, 16, 32, 64)) -> Tensor:
+    """``(N, 4)`` anchors ``(x1, y1, x2, y2)`` of a feature pyramid over a square image, as
+    torchvision's ``AnchorGenerator`` makes them: per level one size (8 x stride) and three
+    aspect ratios (0.5, 1, 2). A 1024 px image gives 261,888 anchors."""
+    from torchvision.models.detection.anchor_utils import AnchorGenerator
+    from torchvision.models.detection.image_list import ImageList
+
+    generator = AnchorGenerator(tuple((8 * s,) for s in strides), ((0.5, 1.0, 2.0),) * len(strides))
+    images = ImageList(torch.zeros(1, 3, image_size, image_size), [(image_size, image_size)])
+    features = [torch.zeros(1, 1, image_size // s, image_size // s) for s in strides]
+    return generator(images, features)[0]
+
+
+def peak_resident_mib(fn: Callable[[], R]) -> tuple[R, float]:
+    """``(fn(), peak resident memory of the process during the call above its resident memory
+    before, in MiB)``. Linux only: the peak (VmHWM) is reset through ``/proc/self/clear_refs``;
+    freed heap memory is first returned to the system (glibc) so that reusing it counts."""
+    malloc_trim = getattr(ctypes.CDLL(None), "malloc_trim", None)
+    if malloc_trim is not None:
+        malloc_trim(0)
+    with open("/proc/self/clear_refs", "w") as clear_refs:
+        clear_refs.write("5")  # VmHWM restarts from the current resident size
+    before = _status_kib("VmRSS")
+    result = fn()
+    return result, (_status_kib("VmHWM") - before) / 1024
+
+
+def _status_kib(field: str) -> int:
+    with open("/proc/self/status") as status:
+        return int(status.read().split(field + ":")[1].split()[0])
