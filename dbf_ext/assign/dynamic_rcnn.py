@@ -18,7 +18,6 @@ training forward of the RoI head::
 from __future__ import annotations
 
 import math
-import operator
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -27,6 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
+from dbf_ext._validation import as_integer
 from dbf_ext.ops._checks import check_finite_number
 
 # mmdetection's bound under which the median beta is taken as degenerate (beta left unchanged).
@@ -174,15 +174,7 @@ class DynamicRCNNController:
 
 
 def _check_positive_int(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if value < 1:
-        raise ValueError(f"{name} must be >= 1, got {value}")
-    return value
+    return as_integer(name, value, 1)
 
 
 def _to_floats(values: Tensor | Sequence[float | Tensor]) -> list[float]:

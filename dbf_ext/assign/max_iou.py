@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import math
 import numbers
-import operator
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -19,6 +18,7 @@ import torch
 from torch import Tensor
 
 from dbf_ext import _ext
+from dbf_ext._validation import as_integer
 from dbf_ext.ops._checks import (
     check_finite_number,
     check_horizontal_boxes,
@@ -262,19 +262,7 @@ def _check_neg_iou_thr(value: object) -> tuple[float, float]:
 
 
 def _check_topk(value: object) -> int | None:
-    if value is None:
-        return None
-    if isinstance(value, bool):
-        raise TypeError("return_topk_iou must be an integer or None, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(
-            f"return_topk_iou must be an integer or None, got {type(value).__name__}"
-        ) from None
-    if value < 1:
-        raise ValueError(f"return_topk_iou must be >= 1, got {value}")
-    return value
+    return None if value is None else as_integer("return_topk_iou", value, 1)
 
 
 def _or_empty(region: Tensor | None, like: Tensor) -> Tensor:

@@ -16,12 +16,13 @@ from __future__ import annotations
 
 import abc
 import logging
-import operator
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 
 import numpy as np
+
+from dbf_ext._validation import as_integer
 
 __all__ = [
     "AlwaysFrozen",
@@ -41,20 +42,8 @@ logger = logging.getLogger(__name__)
 
 
 def _check_epoch_index(value: Any, what: str) -> int:
-    """Return ``value`` as a Python int if it is a non-negative integer; raise otherwise.
-
-    Accepts anything with ``__index__`` (Python ints, numpy integers, 0-d integer tensors).
-    Rejects ``bool`` (``True`` as an epoch number is almost always a mistake) and floats.
-    """
-    if isinstance(value, (bool, np.bool_)):
-        raise TypeError(f"{what} must be an integer, got the bool {value!r}")
-    try:
-        index = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{what} must be an integer, got {value!r} ({type(value).__name__})") from None
-    if index < 0:
-        raise ValueError(f"{what} must be >= 0 (epochs count from 0), got {index}")
-    return index
+    """``value`` as a non-negative Python int (see :func:`dbf_ext._validation.as_integer`)."""
+    return as_integer(what, value, 0, "epochs count from 0")
 
 
 class FreezeRun(NamedTuple):

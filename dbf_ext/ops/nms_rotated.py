@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-import operator
-
 import torch
 from torch import Tensor
 
 from dbf_ext import _ext
+from dbf_ext._validation import as_integer
 from dbf_ext.ops._checks import (
     check_finite_number,
     check_float_dtype,
@@ -185,15 +184,7 @@ def _check_iou_threshold(name: str, value: object) -> float:
 
 
 def _check_limit(name: str, value: object) -> int:
-    if isinstance(value, bool):
-        raise TypeError(f"{name} must be an integer, got bool")
-    try:
-        value = operator.index(value)
-    except TypeError:
-        raise TypeError(f"{name} must be an integer, got {type(value).__name__}") from None
-    if value < -1:
-        raise ValueError(f"{name} must be -1 (no limit) or >= 0, got {value}")
-    return value
+    return as_integer(name, value, -1, "-1: no limit")
 
 
 def _has_nan(*tensors: Tensor) -> Tensor:
