@@ -13,8 +13,9 @@ if compgen -G ".whl/*.whl" > /dev/null; then
   export PYTHONPATH=/tmp/site
 fi
 python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
-python3 -m dbf_ext info | tee "$LOGS/info.txt"
-# The installed package, not the source tree: run from outside it.
+(cd /tmp && python3 -m dbf_ext info) | tee "$LOGS/info.txt"
+# Always the installed package, never the source tree (which has no build): -P keeps the
+# current folder off sys.path.
 run_pytest() { (cd python_tests && python3 -P -m pytest -q -p no:cacheprovider "$@" .); }
 run_pytest 2>&1 | tee "$LOGS/tests.log" | tail -5
 for tool in memcheck racecheck; do
@@ -23,7 +24,7 @@ for tool in memcheck racecheck; do
   echo "compute-sanitizer $tool: exit $?" | tee -a "$LOGS/sanitizer_summary.txt"
 done
 for suite in box_iou_rotated nms_rotated assign feature_cache; do
-  python3 -m pytest "bench/bench_$suite.py" --benchmark-only -q -p no:cacheprovider 2>&1 | tail -2
+  python3 -P -m pytest "bench/bench_$suite.py" --benchmark-only -q -p no:cacheprovider 2>&1 | tail -2
 done
 cp -r bench/results "$LOGS/"
 tar czf "$OUT/gpu_results.tar.gz" -C "$LOGS" .
