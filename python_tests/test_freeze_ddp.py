@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import socket
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -73,11 +72,13 @@ def rejection_message(**ddp_options) -> str | None:
     return None
 
 
-def train_worker(rank: int, port: int, out_dir: str) -> None:
+def train_worker(rank: int, out_dir: str) -> None:
     os.environ["GLOO_SOCKET_IFNAME"] = "lo"  # loopback only
     torch.set_num_threads(1)
+    # Rendezvous through a file: no port to pick, so no race with other processes for one.
     dist.init_process_group(
-        "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=WORLD_SIZE, timeout=timedelta(seconds=60)
+        "gloo", init_method=f"file://{out_dir}/rendezvous", rank=rank, world_size=WORLD_SIZE,
+        timeout=timedelta(seconds=60),
     )
     try:
         rejections = {
@@ -127,14 +128,8 @@ def train_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-def free_loopback_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def spawn_and_wait(out_dir: Path) -> None:
-    context = mp.spawn(train_worker, args=(free_loopback_port(), str(out_dir)), nprocs=WORLD_SIZE, join=False)
+    context = mp.spawn(train_worker, args=(str(out_dir),), nprocs=WORLD_SIZE, join=False)
     deadline = time.monotonic() + JOIN_TIMEOUT_S
     while not context.join(timeout=1):  # re-raises a worker's exception with its traceback
         if time.monotonic() > deadline:
