@@ -62,6 +62,8 @@ def test_resume_continues_exactly(tiny_set, tmp_path):
         train(config, on_epoch_end=stop_after_epoch_1)
     assert run_train(tiny_set, resumed, "--resume", *common) == 0
     assert [r["epoch"] for r in log_lines(resumed)] == [0, 1, 2]
+    assert run_train(tiny_set, straight, *common) == 0  # a new run in the same folder
+    assert [r["epoch"] for r in log_lines(straight)] == [0, 1, 2]
     a = torch.load(straight / "checkpoint.pt", weights_only=True)
     b = torch.load(resumed / "checkpoint.pt", weights_only=True)
     assert a["dbf"] == b["dbf"] and len(b["history"]) == 3

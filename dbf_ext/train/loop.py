@@ -258,6 +258,8 @@ def train(config: TrainConfig, console: Console | None = None,
 
     dataset = CacheAwareDataset(keyed) if cached is not None else keyed
     log_path = out / "log.jsonl"
+    if start_epoch == 0:
+        log_path.write_text("")  # a new run starts a new log; a resumed one appends
     last_evaluation = None
     for epoch in range(start_epoch, config.epochs):
         dbf.on_epoch_start(epoch)
