@@ -363,3 +363,20 @@ def test_200k_anchors_by_2000_rotated_gts_under_100_mb():
     assert extra_mib < 100  # the overlap matrix alone would take 2 GB
     assert int((result.gt_inds > 0).sum()) > 2000  # the case really assigns
     print(f"extra resident memory: {extra_mib:.1f} MiB")
+
+
+def test_torch_compile_matches_eager():
+    generator = torch.Generator().manual_seed(11)
+    anchors = torch.rand(300, 2, generator=generator) * 200
+    anchors = torch.cat([anchors, anchors + 8 + torch.rand(300, 2, generator=generator) * 40], 1)
+    gts = torch.rand(12, 2, generator=generator) * 200
+    gts = torch.cat([gts, gts + 10 + torch.rand(12, 2, generator=generator) * 40], 1)
+    labels = torch.randint(0, 5, (12,), generator=generator)
+
+    def positives(boxes, gt_boxes, gt_labels):
+        result = max_iou_assign(boxes, gt_boxes, gt_labels, pos_iou_thr=0.5, neg_iou_thr=0.4)
+        return result.gt_inds, result.max_overlaps, result.labels
+
+    compiled = torch.compile(positives, backend="eager")
+    for got, want in zip(compiled(anchors, gts, labels), positives(anchors, gts, labels)):
+        assert torch.equal(got, want)
