@@ -10,7 +10,9 @@ import importlib
 
 __version__ = "0.1.0"
 
-_SUBMODULES = ("ops", "boxes", "freeze", "cache", "assign", "data", "evaluation", "integrations")
+_SUBMODULES = (
+    "ops", "boxes", "freeze", "cache", "assign", "data", "evaluation", "integrations", "train",
+)
 
 
 def __getattr__(name: str):
