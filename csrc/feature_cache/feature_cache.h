@@ -8,6 +8,7 @@
 // scale = max|x| / 448 over the channel's H x W values (1 for an all-zero channel).
 #pragma once
 #include <cstdint>
+#include <type_traits>
 #include <vector>
 
 #include "common/float_codecs.h"
@@ -103,6 +104,21 @@ template <typename Map, typename Store>
 DBF_HOST_DEVICE typename Map::bits unpack_value(typename Store::bits stored, float scale) {
   const float x = Store::decode(stored);
   return Map::encode(Store::scaled ? x * scale : x);
+}
+
+// Where one channel of a level lies in a sample's slab: its stored values, and (float8) its
+// scale. `Byte` is char or const char, and the constness carries over.
+template <typename Store, typename Byte>
+DBF_HOST_DEVICE auto* channel_values(Byte* slab, const FeatureLevelDesc& level, std::int64_t channel) {
+  using Bits = std::conditional_t<std::is_const<Byte>::value, const typename Store::bits,
+                                  typename Store::bits>;
+  return reinterpret_cast<Bits*>(slab + level.slab_offset) + channel * level.height * level.width;
+}
+
+template <typename Byte>
+DBF_HOST_DEVICE auto* channel_scale(Byte* slab, const FeatureLevelDesc& level, std::int64_t channel) {
+  using Scale = std::conditional_t<std::is_const<Byte>::value, const float, float>;
+  return reinterpret_cast<Scale*>(slab + level.scale_offset) + channel;
 }
 
 // |x| ignoring NaN, for the channel maximum.

@@ -42,8 +42,7 @@ void pack(const FeatureCacheArgs& args, int num_threads) {
     const FeatureLevelDesc& level = *row.level;
     const auto* src = reinterpret_cast<const typename Map::bits*>(level.data);
     char* slab = slab_of(args, row.sample);
-    const std::int64_t plane = level.height * level.width;
-    auto* dst = reinterpret_cast<typename Store::bits*>(slab + level.slab_offset) + row.channel * plane;
+    auto* dst = channel_values<Store>(slab, level, row.channel);
     float scale = 1.0f;
     if (Store::scaled) {
       float amax = 0.0f;
@@ -51,7 +50,7 @@ void pack(const FeatureCacheArgs& args, int num_threads) {
         for (std::int64_t x = 0; x < level.width; ++x)
           amax = std::max(amax, magnitude_or_zero(Map::decode(src[row.map_index(y, x)])));
       scale = float8_channel_scale(amax);
-      reinterpret_cast<float*>(slab + level.scale_offset)[row.channel] = scale;
+      *channel_scale(slab, level, row.channel) = scale;
     }
     for (std::int64_t y = 0; y < level.height; ++y)
       for (std::int64_t x = 0; x < level.width; ++x)
@@ -65,12 +64,8 @@ void unpack(const FeatureCacheArgs& args, int num_threads) {
     const FeatureLevelDesc& level = *row.level;
     auto* out = reinterpret_cast<typename Map::bits*>(level.data);
     const char* slab = slab_of(args, row.sample);
-    const std::int64_t plane = level.height * level.width;
-    const auto* src =
-        reinterpret_cast<const typename Store::bits*>(slab + level.slab_offset) + row.channel * plane;
-    const float scale = Store::scaled
-                            ? reinterpret_cast<const float*>(slab + level.scale_offset)[row.channel]
-                            : 1.0f;
+    const auto* src = channel_values<Store>(slab, level, row.channel);
+    const float scale = Store::scaled ? *channel_scale(slab, level, row.channel) : 1.0f;
     for (std::int64_t y = 0; y < level.height; ++y)
       for (std::int64_t x = 0; x < level.width; ++x)
         out[row.map_index(y, x)] = unpack_value<Map, Store>(src[y * level.width + x], scale);

@@ -58,11 +58,11 @@ __global__ void pack_kernel(FeatureLevelDesc level, const std::int64_t* slab_add
   const auto* src = reinterpret_cast<const typename Map::bits*>(level.data);
   char* slab = slab_of(slab_addresses, row.sample);
   const std::int64_t plane = level.height * level.width;
-  auto* dst = reinterpret_cast<typename Store::bits*>(slab + level.slab_offset) + row.channel * plane;
+  auto* dst = channel_values<Store>(slab, level, row.channel);
   float scale = 1.0f;
   if (Store::scaled) {
     scale = float8_channel_scale(row_amax<Map>(level, row, src));
-    if (threadIdx.x == 0) reinterpret_cast<float*>(slab + level.scale_offset)[row.channel] = scale;
+    if (threadIdx.x == 0) *channel_scale(slab, level, row.channel) = scale;
   }
   for (std::int64_t i = threadIdx.x; i < plane; i += blockDim.x) {
     dst[i] = pack_value<Map, Store>(src[map_index(level, row, i)], scale);
@@ -75,11 +75,8 @@ __global__ void unpack_kernel(FeatureLevelDesc level, const std::int64_t* slab_a
   auto* out = reinterpret_cast<typename Map::bits*>(level.data);
   const char* slab = slab_of(slab_addresses, row.sample);
   const std::int64_t plane = level.height * level.width;
-  const auto* src =
-      reinterpret_cast<const typename Store::bits*>(slab + level.slab_offset) + row.channel * plane;
-  const float scale = Store::scaled
-                          ? reinterpret_cast<const float*>(slab + level.scale_offset)[row.channel]
-                          : 1.0f;
+  const auto* src = channel_values<Store>(slab, level, row.channel);
+  const float scale = Store::scaled ? *channel_scale(slab, level, row.channel) : 1.0f;
   for (std::int64_t i = threadIdx.x; i < plane; i += blockDim.x) {
     out[map_index(level, row, i)] = unpack_value<Map, Store>(src[i], scale);
   }
