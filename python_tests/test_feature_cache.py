@@ -34,6 +34,14 @@ def build_model(cache: FeatureCache) -> tuple[FasterRCNN, CachedBackbone]:
     return model, cached
 
 
+def frozen_model(cache: FeatureCache, training: bool = False) -> tuple[FasterRCNN, CachedBackbone]:
+    """:func:`build_model` with the backbone frozen, in train or eval mode."""
+    model, cached = build_model(cache)
+    model.train(training)
+    cached.backbone.set_frozen(True)
+    return model, cached
+
+
 def batches(num_batches: int = 2, batch_size: int = 2):
     g = torch.Generator().manual_seed(5)
     out = []
@@ -85,9 +93,7 @@ RPN_LOSSES = ("loss_objectness", "loss_rpn_box_reg")
 @pytest.mark.parametrize("storage", ["float32", "bfloat16"])
 def test_second_frozen_epoch_is_all_hits_and_matches_recomputation(storage):
     cache = FeatureCache(storage, cpu_bytes=1 << 30)
-    model, cached = build_model(cache)
-    model.train()
-    cached.backbone.set_frozen(True)
+    model, cached = frozen_model(cache, training=True)
     data = batches()
     optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
     run_epoch(model, cached, data, optimizer)
@@ -111,9 +117,7 @@ def test_second_frozen_epoch_is_all_hits_and_matches_recomputation(storage):
 
 def test_hits_need_no_pixels():
     cache = FeatureCache("float32")
-    model, cached = build_model(cache)
-    model.eval()
-    cached.backbone.set_frozen(True)
+    model, cached = frozen_model(cache)
     images, _, keys = batches(1)[0]
     with torch.no_grad(), cached.batch_keys(keys):
         first = model.backbone(torch.stack(images))
@@ -144,9 +148,7 @@ def test_no_stale_features_after_an_unfrozen_epoch():
 
 def test_in_place_weight_change_invalidates():
     cache = FeatureCache("float32")
-    model, cached = build_model(cache)
-    model.eval()
-    cached.backbone.set_frozen(True)
+    model, cached = frozen_model(cache)
     images, _, keys = batches(1)[0]
     batch = torch.stack(images)
     with torch.no_grad():
@@ -177,9 +179,7 @@ def test_budgets_are_respected_and_overflow_is_not_an_error():
 
 def test_spill_to_disk_and_truncated_entry_is_recomputed(tmp_path):
     cache = FeatureCache("bfloat16", cpu_bytes=0, disk_dir=tmp_path / "cache", disk_bytes=1 << 30)
-    model, cached = build_model(cache)
-    model.eval()
-    cached.backbone.set_frozen(True)
+    model, cached = frozen_model(cache)
     images, _, keys = batches(1)[0]
     batch = torch.stack(images)
     with torch.no_grad():
@@ -251,9 +251,7 @@ class FlipDataset:
 
 def test_cache_aware_data_path_skips_decoding():
     cache = FeatureCache("float32")
-    model, cached = build_model(cache)
-    model.train()
-    cached.backbone.set_frozen(True)
+    model, cached = frozen_model(cache, training=True)
     dataset = FlipDataset()
     adapter = CacheAwareDataset(dataset)
     loader = torch.utils.data.DataLoader(adapter, batch_size=2, collate_fn=cache_aware_collate)
@@ -274,8 +272,7 @@ def test_cache_aware_data_path_skips_decoding():
 
 def test_uncacheable_augmentation_warns_and_bypasses():
     cache = FeatureCache("float32")
-    _, cached = build_model(cache)
-    cached.backbone.set_frozen(True)
+    _, cached = frozen_model(cache)
     adapter = CacheAwareDataset(FlipDataset(uncacheable=True))
     with pytest.warns(UserWarning, match="cannot be keyed"):
         images, targets, keys = cache_aware_collate([adapter[0], adapter[1]])
@@ -295,8 +292,7 @@ def test_rejects_datasets_without_the_protocol_and_bad_options():
     with pytest.raises(ValueError, match="cpu_bytes"):
         FeatureCache(cpu_bytes=-1)
     cache = FeatureCache("float32")
-    _, cached = build_model(cache)
-    cached.backbone.set_frozen(True)
+    _, cached = frozen_model(cache)
     with pytest.raises(ValueError, match="cache keys"):
         cached(torch.zeros(2, 3, IMAGE, IMAGE), [("a", 0)])
 
