@@ -12,6 +12,7 @@ import json
 import os
 import platform
 import re
+import subprocess
 from collections import defaultdict
 from pathlib import Path
 
@@ -19,6 +20,11 @@ import pytest
 import torch
 
 RESULTS_DIR = Path(__file__).parent / "results"
+
+
+def _cuda_version_text(version: int) -> str:
+    """CUDA's integer versions (12040) as text (12.4)."""
+    return f"{version // 1000}.{version % 1000 // 10}"
 
 
 def machine_description() -> dict:
@@ -41,6 +47,22 @@ def machine_description() -> dict:
     if torch.cuda.is_available():
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
+        try:
+            from dbf_ext._ext import extension
+
+            status = extension().cuda_status()
+            info["cuda_driver"] = _cuda_version_text(status["driver_version"])
+            info["dbf_ext_cuda_runtime"] = _cuda_version_text(status["runtime_version"])
+        except (ImportError, KeyError):
+            pass
+        try:
+            smi = subprocess.run(
+                ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                capture_output=True, text=True, timeout=30, check=True,
+            )
+            info["nvidia_driver"] = smi.stdout.splitlines()[0].strip()
+        except (OSError, subprocess.SubprocessError, IndexError):
+            pass
     try:
         import dbf_ext
 

@@ -1,31 +1,72 @@
 #!/usr/bin/env bash
-# Everything a session with a lent GPU should run, in one device call, from the repository root:
-# build with the machine's torch, the whole test suite (CUDA cases included), compute-sanitizer
-# (memcheck, racecheck) on the CUDA tests, and the GPU benchmarks. Logs and bench/results come
-# back as one archive, $OUT/gpu_results.tar.gz (the device tool returns at most 8 files). The device image has no shapely: carry its wheel in .whl/ (see the device tool's
-# README) and this script installs it first.
+# Everything a session with a lent GPU runs, in one device call, from the repository root:
+# the driver and toolkit first, a build with -lineinfo (so compute-sanitizer names source lines),
+# the CUDA tests, compute-sanitizer (memcheck, racecheck) on the small CUDA cases only (tests
+# marked `large` are left out: under the sanitizer they take minutes), the GPU benchmarks, and
+# the rest of the test suite when time is left. Every stage gets a share of one time budget
+# (DBF_EXT_GPU_BUDGET_S, default 360 s) so the whole call fits a 15-minute device session with
+# room for a second run. Logs and bench/results come back as one archive,
+# $OUT/gpu_results.tar.gz (the device tool returns at most 8 files).
+#
+# The device image has no shapely: carry its wheel in .whl/ (see the device tool's README) and
+# this script installs it first.
 set -uo pipefail
 OUT=${OUT:-/tmp/dbf_ext_gpu}
+BUDGET=${DBF_EXT_GPU_BUDGET_S:-360}
 LOGS=$(mktemp -d)
 mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1
+
+# Seconds a stage may take: its own cap, but never past the budget (10 s kept for packing).
+stage_limit() {
+  local left=$((BUDGET - SECONDS - 10))
+  ((left < $1)) && echo $((left > 5 ? left : 5)) || echo "$1"
+}
+
+{
+  nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader
+  nvcc --version | tail -2
+} 2>&1 | tee "$LOGS/driver.txt"
+
 if compgen -G ".whl/*.whl" > /dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl
   export PYTHONPATH=/tmp/site
 fi
-python3 -m pip install -q --no-build-isolation --no-deps . 2>&1 | tail -3
-(cd /tmp && python3 -m dbf_ext info) | tee "$LOGS/info.txt"
+CMAKE_ARGS="-DCMAKE_CUDA_FLAGS=-lineinfo" timeout "$(stage_limit 150)" \
+  python3 -m pip install -q --no-build-isolation --no-deps . > "$LOGS/build.log" 2>&1
+echo "build: exit $? after ${SECONDS}s" | tee -a "$LOGS/summary.txt"
+(cd /tmp && python3 -m dbf_ext info) 2>&1 | tee "$LOGS/info.txt"
+
 # Always the installed package, never the source tree (which has no build): -P keeps the
 # current folder off sys.path.
 run_pytest() { (cd python_tests && python3 -P -m pytest -q -p no:cacheprovider "$@" .); }
-run_pytest 2>&1 | tee "$LOGS/tests.log" | tail -5
+
+timeout "$(stage_limit 120)" bash -c "$(declare -f run_pytest); run_pytest -k cuda" \
+  > "$LOGS/tests_cuda.log" 2>&1
+echo "CUDA tests: exit $? after ${SECONDS}s; $(tail -1 "$LOGS/tests_cuda.log")" | tee -a "$LOGS/summary.txt"
+
+# Only dbf_ext's kernels are instrumented (torch's own kernels run unchecked, which keeps
+# the sanitizer runs short).
 for tool in memcheck racecheck; do
-  (cd python_tests && compute-sanitizer --tool "$tool" --error-exitcode 99 \
-      python3 -P -m pytest -q -x -p no:cacheprovider -k "cuda" .) > "$LOGS/sanitizer_$tool.log" 2>&1
-  echo "compute-sanitizer $tool: exit $?" | tee -a "$LOGS/sanitizer_summary.txt"
+  (cd python_tests && timeout "$(stage_limit 75)" compute-sanitizer --tool "$tool" \
+      --kernel-name kns=dbf_ext --error-exitcode 99 --print-limit 50 \
+      python3 -P -m pytest -q -p no:cacheprovider -k cuda -m "not large" .) \
+    > "$LOGS/sanitizer_$tool.log" 2>&1
+  echo "compute-sanitizer $tool: exit $? after ${SECONDS}s; $(grep -E 'ERROR SUMMARY|passed|failed' "$LOGS/sanitizer_$tool.log" | tail -2 | tr '\n' ' ')" \
+    | tee -a "$LOGS/summary.txt"
 done
-for suite in box_iou_rotated nms_rotated assign feature_cache; do
-  python3 -P -m pytest "bench/bench_$suite.py" --benchmark-only -q -p no:cacheprovider 2>&1 | tail -2
+
+for suite in "box_iou_rotated -k test_gpu" "nms_rotated -k cuda" "assign -k cuda" "feature_cache"; do
+  set -- $suite
+  name=$1; shift
+  timeout "$(stage_limit 60)" python3 -P -m pytest "bench/bench_$name.py" --benchmark-only -q \
+    -p no:cacheprovider "$@" > "$LOGS/bench_$name.log" 2>&1
+  echo "bench $name: exit $? after ${SECONDS}s" | tee -a "$LOGS/summary.txt"
 done
+
+timeout "$(stage_limit 120)" bash -c "$(declare -f run_pytest); run_pytest -k 'not cuda'" \
+  > "$LOGS/tests_rest.log" 2>&1
+echo "other tests: exit $? after ${SECONDS}s; $(tail -1 "$LOGS/tests_rest.log")" | tee -a "$LOGS/summary.txt"
+
 cp -r bench/results "$LOGS/"
 tar czf "$OUT/gpu_results.tar.gz" -C "$LOGS" .
-tail -3 "$LOGS/tests.log" "$LOGS/sanitizer_summary.txt"

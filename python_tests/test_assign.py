@@ -331,6 +331,7 @@ def test_opcheck(device):
         torch.library.opcheck(torch.ops.dbf_ext.max_iou_assign.default, args)
 
 
+@pytest.mark.large
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 @pytest.mark.parametrize("box_type", ["hbb", "obb"])
 def test_cuda_large_batch_matches_reference(box_type):

@@ -235,6 +235,7 @@ def test_torch_compile(generator):
     torch.testing.assert_close(matched_fraction(b1, b2), (box_iou_rotated(b1, b2) > 0.1).float().mean(dim=1))
 
 
+@pytest.mark.large
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu_and_handles_64bit_sizes():
     g = torch.Generator().manual_seed(7)

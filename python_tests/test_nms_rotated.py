@@ -459,6 +459,7 @@ def test_cuda_chunked_mask_equals_single_pass(monkeypatch):
         assert a.tolist() == b.tolist()
 
 
+@pytest.mark.large
 @needs_gpu
 def test_cuda_100k_boxes_match_cpu():
     # float64, so that CPU and GPU trigonometry cannot disagree on a decision.
