@@ -22,11 +22,6 @@ import torch
 RESULTS_DIR = Path(__file__).parent / "results"
 
 
-def _cuda_version_text(version: int) -> str:
-    """CUDA's integer versions (12040) as text (12.4)."""
-    return f"{version // 1000}.{version % 1000 // 10}"
-
-
 def machine_description() -> dict:
     cpu = platform.processor() or "unknown CPU"
     try:
@@ -48,11 +43,11 @@ def machine_description() -> dict:
         info["gpu"] = torch.cuda.get_device_name(0)
         info["cuda"] = torch.version.cuda
         try:
-            from dbf_ext._ext import extension
+            from dbf_ext._ext import cuda_version_text, extension
 
             status = extension().cuda_status()
-            info["cuda_driver"] = _cuda_version_text(status["driver_version"])
-            info["dbf_ext_cuda_runtime"] = _cuda_version_text(status["runtime_version"])
+            info["cuda_driver"] = cuda_version_text(status["driver_version"])
+            info["dbf_ext_cuda_runtime"] = cuda_version_text(status["runtime_version"])
         except (ImportError, KeyError):
             pass
         try:

@@ -243,10 +243,29 @@ void bind_assign(py::module_& m) {
 
 }  // namespace
 
+// The codes and sizes that Python must agree with, exported from their single definitions.
+void bind_constants(py::module_& m) {
+  py::dict dtype_codes;
+  dtype_codes["float32"] = static_cast<int>(dbf_ext::DType::Float32);
+  dtype_codes["float64"] = static_cast<int>(dbf_ext::DType::Float64);
+  dtype_codes["float16"] = static_cast<int>(dbf_ext::DType::Float16);
+  dtype_codes["bfloat16"] = static_cast<int>(dbf_ext::DType::BFloat16);
+  dtype_codes["float8_e4m3fn"] = static_cast<int>(dbf_ext::DType::Float8E4M3);
+  m.attr("DTYPE_CODES") = dtype_codes;
+  py::dict box_kind_codes;
+  box_kind_codes["hbb"] = static_cast<int>(dbf_ext::BoxKind::Horizontal);
+  box_kind_codes["obb"] = static_cast<int>(dbf_ext::BoxKind::Rotated);
+  m.attr("BOX_KIND_CODES") = box_kind_codes;
+#if defined(DBF_EXT_WITH_CUDA)
+  m.attr("NMS_BLOCK_BOXES") = dbf_ext::kNmsBlockBoxes;
+#endif
+}
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "dbf_ext compiled kernels (raw-pointer interface; use dbf_ext.ops)";
   m.def("build_info", &build_info);
   m.def("cuda_status", &cuda_status);
+  bind_constants(m);
   bind_box_iou_rotated(m);
   bind_assign(m);
   bind_nms_rotated(m);

@@ -13,16 +13,6 @@ from typing import Any
 
 import torch
 
-# Must match csrc/common/types.h (enum class DType).
-DTYPE_CODES = {
-    torch.float32: 0,
-    torch.float64: 1,
-    torch.float16: 2,
-    torch.bfloat16: 3,
-    torch.float8_e4m3fn: 4,
-}
-
-
 @functools.lru_cache(maxsize=None)
 def extension():
     """Returns the compiled module, with an actionable message when it is missing."""
@@ -41,14 +31,52 @@ def has_cuda_kernels() -> bool:
     return bool(extension().build_info()["cuda"])
 
 
+# The oldest driver branch for each CUDA major version (NVIDIA's CUDA compatibility table).
+_MIN_DRIVER_BRANCH = {11: 450, 12: 525, 13: 580}
+
+
+def cuda_version_text(version: int) -> str:
+    """CUDA's integer versions (12040) as text (12.4)."""
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def driver_problem(status: dict[str, Any]) -> str | None:
+    """Why CUDA kernels linked with runtime ``status["runtime_version"]`` cannot run on a driver
+    of ``status["driver_version"]`` (both CUDA's integer versions; a status of
+    ``_C.cuda_status()``), with the remedy; None when they can (or when there is no driver).
+
+    The runtime is linked statically, so the toolkit used at build time fixes the oldest usable
+    driver: within one major version any driver works (CUDA's minor version compatibility),
+    across major versions the driver must be at least as new.
+    """
+    driver, runtime = status["driver_version"], status["runtime_version"]
+    if not driver or not runtime or driver // 1000 >= runtime // 1000:
+        return None
+    major = runtime // 1000
+    branch = _MIN_DRIVER_BRANCH.get(major)
+    needs = f"a driver for CUDA {major}.x" + (f" (R{branch} or newer)" if branch else "")
+    return (
+        f"dbf_ext's CUDA kernels were built with CUDA {cuda_version_text(runtime)} and need {needs}, "
+        f"but this machine's driver supports CUDA {cuda_version_text(driver)}. Rebuild them with a "
+        f"CUDA {driver // 1000}.x toolkit: DBF_EXT_CUDA_HOME=/path/to/cuda-{driver // 1000}.x "
+        "pip install --force-reinstall --no-deps dbf_ext (or update the driver)"
+    )
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_status() -> dict[str, Any]:
+    return dict(extension().cuda_status())
+
+
 def build_info() -> dict[str, Any]:
     """Version, build configuration and runtime GPU availability, as a plain dict."""
     from dbf_ext import __version__
 
     ext = extension()
     info: dict[str, Any] = {"version": __version__, **ext.build_info()}
-    status = ext.cuda_status()
+    status = dict(ext.cuda_status())
     info["cuda_runtime"] = status
+    info["cuda_driver_problem"] = driver_problem(status) if info["cuda"] else None
     info["torch_version"] = torch.__version__
     info["torch_cuda_available"] = torch.cuda.is_available()
     info["gpu_usable"] = bool(
@@ -66,6 +94,11 @@ def box_view(boxes: torch.Tensor):
     )
 
 
+def dtype_code(dtype: torch.dtype) -> int:
+    """The kernels' code for a torch dtype (``_C.DTYPE_CODES``, defined in csrc/common/types.h)."""
+    return extension().DTYPE_CODES[str(dtype).removeprefix("torch.")]
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 is computed in float64; float16, bfloat16 and float32 in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32
@@ -78,5 +111,24 @@ def cuda_launch_args(device: torch.device) -> tuple[int, int]:
             "this dbf_ext build has no CUDA kernels (nvcc was not found at build time); "
             "reinstall with nvcc on the PATH to run on CUDA tensors"
         )
+    problem = driver_problem(_cuda_status())
+    if problem:
+        raise RuntimeError(problem)
     index = device.index if device.index is not None else torch.cuda.current_device()
     return index, torch.cuda.current_stream(index).cuda_stream
+
+
+def launch(kernel: str, device: torch.device, *args: Any, cuda_args: tuple = ()) -> Any:
+    """Runs compiled kernel ``kernel`` on ``device``; every operator goes through here.
+
+    CPU: ``_C.<kernel>_cpu(*args, num_threads)`` with torch's intra-op thread count. CUDA:
+    ``_C.<kernel>_cuda(*args, *cuda_args, device_index, stream)`` on torch's current stream of
+    that device (the kernel makes the device current for the call and restores the caller's).
+    ``cuda_args`` are the CUDA kernel's extra arguments (device scratch).
+    """
+    ext = extension()
+    if device.type == "cuda":
+        return getattr(ext, f"{kernel}_cuda")(*args, *cuda_args, *cuda_launch_args(device))
+    if device.type == "cpu":
+        return getattr(ext, f"{kernel}_cpu")(*args, torch.get_num_threads())
+    raise ValueError(f"dbf_ext kernels run on CPU and CUDA tensors, got device {device}")

@@ -25,6 +25,13 @@ def _cmd_info(args: argparse.Namespace) -> int:
             f"  CUDA kernels:   compiled with nvcc {info['cuda_compiler_version']} "
             f"for architectures {info['cuda_architectures']}"
         )
+        driver = runtime["driver_version"]
+        lines.append(
+            f"  CUDA driver:    {'supports CUDA ' + _ext.cuda_version_text(driver) if driver else 'none found'}"
+            f" (the kernels' runtime is CUDA {_ext.cuda_version_text(runtime['runtime_version'])})"
+        )
+        if info["cuda_driver_problem"]:
+            lines.append(f"  Problem:        {info['cuda_driver_problem']}")
     else:
         lines.append("  CUDA kernels:   not compiled (no nvcc at build time)")
     if info["gpu_usable"]:

@@ -170,6 +170,25 @@ def test_every_box_ignored(device, box_type, min_pos_iou):
         assert_same(got, max_iou_assign_reference(*args, **options))
 
 
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+@pytest.mark.parametrize("wrt_candidates", [True, False])
+def test_ignore_boxes_without_finite_extent_ignore_nothing(device, bad_value, wrt_candidates):
+    """An ignore box with a NaN or infinite coordinate overlaps nothing, on CPU and CUDA alike
+    (a NaN dropped by min/max would otherwise lend the box the candidate's own extent)."""
+    boxes = torch.tensor([[0.0, 0.0, 10.0, 10.0], [20.0, 20.0, 40.0, 30.0], [5.0, 5.0, 9.0, 8.0]])
+    gts = torch.tensor([[0.0, 0.0, 10.0, 10.0]])
+    options = dict(pos_iou_thr=0.5, neg_iou_thr=0.4, ignore_iof_thr=0.5,
+                   ignore_wrt_candidates=wrt_candidates)
+    plain = max_iou_assign(boxes.to(device), gts.to(device), **options)
+    for column in range(4):
+        ignore = torch.tensor([[-100.0, -100.0, 100.0, 100.0]])
+        ignore[0, column] = bad_value
+        result = max_iou_assign(boxes.to(device), gts.to(device), ignore_boxes=ignore.to(device),
+                                **options)
+        assert torch.equal(result.gt_inds.cpu(), plain.gt_inds.cpu()), column
+        assert torch.equal(result.max_overlaps.cpu(), plain.max_overlaps.cpu()), column
+
+
 @pytest.mark.parametrize("box_type", ["hbb", "obb"])
 def test_empty_inputs(device, box_type):
     cols = 4 if box_type == "hbb" else 5

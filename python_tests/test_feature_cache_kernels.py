@@ -81,11 +81,19 @@ def test_float8_against_float64_reference(device, generator, map_dtype):
     maps = [torch.randn(2, 6, 9, 11, generator=generator).to(map_dtype).to(device),
             (torch.randn(2, 3, 4, 4, generator=generator) * 1e-4).to(map_dtype).to(device)]
     maps[0][0, 1] = 0  # an all-zero channel keeps scale 1
+    # Channels whose largest magnitude is near or below 448 times the smallest subnormal, where
+    # max|x| / 448 rounds to 0 or to a few subnormal units.
+    tiny_amax = torch.tensor([1e-45, 1e-44, 3e-43, 5e-43, 7e-43, 1e-40, 1e-39, 2e-38])
+    tiny = torch.rand(2, tiny_amax.numel(), 5, 5, generator=generator) * 2 - 1
+    tiny = tiny / tiny.abs().amax(dim=(2, 3), keepdim=True) * tiny_amax[None, :, None, None]
+    maps.append(tiny.to(map_dtype).to(device))
     layout, slabs, unpacked = round_trip(maps, "float8_e4m3")
     for level, (m, out) in enumerate(zip(maps, unpacked)):
         x = m.float().cpu().numpy()
         amax = np.abs(x).max(axis=(2, 3))
-        scale = np.where(amax > 0, (amax / np.float32(448)).astype(np.float32), np.float32(1))
+        smallest_subnormal = np.float32(2.0 ** -149)
+        quotient_scale = np.maximum((amax / np.float32(448)).astype(np.float32), smallest_subnormal)
+        scale = np.where(amax > 0, quotient_scale, np.float32(1))
         start = layout.scale_offsets[level]
         stored_scale = slabs[:, start:start + 4 * m.shape[1]].contiguous().view(torch.float32)
         np.testing.assert_array_equal(stored_scale.cpu().numpy(), scale)
@@ -97,9 +105,39 @@ def test_float8_against_float64_reference(device, generator, map_dtype):
         else:  # then rounded to the map dtype
             np.testing.assert_array_equal(got, torch.from_numpy(want).to(map_dtype).float().numpy())
         # The documented bound.
+        assert np.all(np.isfinite(got))
+        # The documented bound, for channels whose scale is a normal float32 (subnormal scales,
+        # max|x| below about 5e-36, carry fewer significant bits).
         bound = np.maximum(np.abs(x) * 2.0 ** -4, scale[:, :, None, None] * 2.0 ** -10) * 1.001
         slack = 0 if map_dtype == torch.float32 else np.abs(x) * 2.0 ** -7
-        assert np.all(np.abs(got - x) <= bound + slack)
+        normal_scale = np.broadcast_to((scale >= np.finfo(np.float32).tiny)[:, :, None, None], x.shape)
+        assert np.all((np.abs(got - x) <= bound + slack)[normal_scale])
+
+
+def float16_nan_codes() -> torch.Tensor:
+    """All 2,046 float16 NaN bit patterns (exponent 31, mantissa != 0, either sign), as int16."""
+    codes = np.concatenate([np.arange(0x7C01, 0x8000), np.arange(0xFC01, 0x10000)])
+    return torch.from_numpy(codes.astype(np.uint16).view(np.int16))
+
+
+@pytest.mark.parametrize("storage", ["float32", "bfloat16", "float16", "float8_e4m3"])
+def test_every_float16_nan_stays_nan(device, storage):
+    nans = float16_nan_codes().view(torch.float16).reshape(1, 2, 31, 33).to(device)
+    _, _, (out,) = round_trip([nans], storage)
+    assert out.dtype == torch.float16 and bool(torch.isnan(out).all())
+
+
+def test_every_float16_nan_code_in_a_slab_decodes_to_a_quiet_nan(device):
+    codes = float16_nan_codes().reshape(1, 2, 31, 33)
+    layout = SlabLayout.for_maps([torch.zeros(codes.shape)], "float16")
+    slab = torch.zeros(layout.slab_bytes, dtype=torch.uint8)
+    slab[: 2 * codes.numel()] = codes.reshape(-1).view(torch.uint8)
+    (out,) = layout.unpack([slab.to(device)])
+    # numpy's conversion keeps sign and payload; the decoder also sets the quiet bit (as the
+    # F16C and CUDA conversions do), so a signalling NaN never leaves the cache.
+    payload = codes.numpy().view(np.float16).astype(np.float32).view(np.uint32) | 0x400000
+    assert bool(torch.isnan(out).all())
+    assert np.array_equal(out.cpu().numpy().view(np.uint32), payload)
 
 
 def test_float8_codes_match_torch_cast(generator):

@@ -13,7 +13,7 @@
 
 namespace dbf_ext {
 
-// Box layouts; codes must match dbf_ext/assign/max_iou.py (_BOX_KIND_CODES).
+// Box layouts, exported to Python as _C.BOX_KIND_CODES.
 enum class BoxKind : int { Horizontal = 0, Rotated = 1 };
 
 struct MaxIouAssignArgs {

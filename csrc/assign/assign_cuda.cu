@@ -515,7 +515,8 @@ void launch(const MaxIouAssignArgs& args, cudaStream_t stream) {
 
 void max_iou_assign_cuda(const MaxIouAssignArgs& args, int device, std::uintptr_t stream) {
   if (args.num_images == 0) return;
-  cudaStream_t s = use_device_and_stream(device, stream);
+  const DeviceGuard guard(device);
+  const cudaStream_t s = as_stream(stream);
   assign::dispatch_box_kind(args.box_kind, args.dtype,
                             [&](auto kind) { launch<decltype(kind)>(args, s); });
 }

@@ -83,7 +83,8 @@ void launch(const BoxIouRotatedArgs& args, cudaStream_t stream) {
 
 void box_iou_rotated_cuda(const BoxIouRotatedArgs& args, int device, std::uintptr_t stream) {
   if (args.boxes1.count == 0 || (!args.aligned && args.boxes2.count == 0)) return;
-  cudaStream_t s = use_device_and_stream(device, stream);
+  const DeviceGuard guard(device);
+  const cudaStream_t s = as_stream(stream);
   dispatch_float(args.dtype, [&](auto zero) { launch<decltype(zero)>(args, s); });
 }
 

@@ -16,11 +16,29 @@ inline void cuda_check(cudaError_t status, const char* what) {
   }
 }
 
-// Makes `device` current for this thread; the stream handle comes from torch.
-inline cudaStream_t use_device_and_stream(int device, std::uintptr_t stream) {
-  cuda_check(cudaSetDevice(device), "cudaSetDevice");
-  return reinterpret_cast<cudaStream_t>(stream);
-}
+// Makes `device` current for this thread for the guard's lifetime and restores the caller's
+// device after (torch's current device is the thread's current device: an op on cuda:1 must
+// not leave cuda:1 current for the caller's next allocation).
+class DeviceGuard {
+ public:
+  explicit DeviceGuard(int device) {
+    cuda_check(cudaGetDevice(&previous_), "cudaGetDevice");
+    if (previous_ != device) cuda_check(cudaSetDevice(device), "cudaSetDevice");
+  }
+  ~DeviceGuard() {
+    int current = previous_;
+    // A destructor must not throw: a failed restore is left for the next CUDA call to report.
+    if (cudaGetDevice(&current) == cudaSuccess && current != previous_) cudaSetDevice(previous_);
+  }
+  DeviceGuard(const DeviceGuard&) = delete;
+  DeviceGuard& operator=(const DeviceGuard&) = delete;
+
+ private:
+  int previous_ = 0;
+};
+
+// The torch stream handle passed from Python as an integer.
+inline cudaStream_t as_stream(std::uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
 
 // Checks that the preceding kernel launch was accepted (bad configuration, no kernel image for
 // this GPU, ...). Asynchronous faults surface at the next synchronising call.

@@ -7,6 +7,12 @@ namespace dbf_ext {
 
 CudaRuntimeStatus cuda_runtime_status() {
   CudaRuntimeStatus status;
+  // The versions first: they are known even when the driver is too old for this runtime,
+  // which is when they are needed to explain the failure.
+  int driver = 0;
+  if (cudaDriverGetVersion(&driver) == cudaSuccess) status.driver_version = driver;
+  int runtime = 0;
+  if (cudaRuntimeGetVersion(&runtime) == cudaSuccess) status.runtime_version = runtime;
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess) {
@@ -15,10 +21,6 @@ CudaRuntimeStatus cuda_runtime_status() {
     return status;
   }
   status.device_count = count;
-  int driver = 0;
-  if (cudaDriverGetVersion(&driver) == cudaSuccess) status.driver_version = driver;
-  int runtime = 0;
-  if (cudaRuntimeGetVersion(&runtime) == cudaSuccess) status.runtime_version = runtime;
   return status;
 }
 

@@ -107,10 +107,13 @@ struct NarrowFloat {
     const std::uint32_t sign = ((code >> (kBits - 1)) & 1u) << 31;
     const std::uint32_t exponent = (code >> kMantissaBits) & ((1u << kExponentBits) - 1u);
     const std::uint32_t mantissa = code & ((1u << kMantissaBits) - 1u);
-    if ((code & ((1u << (kBits - 1)) - 1u)) == kNanCode) return bits_float(sign | 0x7fc00000u);
     if (kIeeeSpecials && exponent == (1u << kExponentBits) - 1u) {
-      return bits_float(sign | 0x7f800000u);  // infinity (NaN handled above)
+      // Infinity when the mantissa is 0; otherwise one of the 2 * (2^mantissa bits - 1) NaN
+      // codes, whose payload moves into the float32 mantissa with the quiet bit set (what
+      // torch's and the hardware's conversions give for every NaN code).
+      return bits_float(sign | 0x7f800000u | (mantissa == 0u ? 0u : 0x400000u | (mantissa << kShift)));
     }
+    if ((code & ((1u << (kBits - 1)) - 1u)) == kNanCode) return bits_float(sign | 0x7fc00000u);
     if (exponent == 0) {  // subnormal or zero: mantissa * 2^(1 - bias - mantissa bits), exact
       const float unit = bits_float((128u - kBias - kMantissaBits) << 23);
       return bits_float(sign | float_bits(static_cast<float>(mantissa) * unit));

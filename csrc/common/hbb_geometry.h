@@ -39,11 +39,15 @@ DBF_HOST_DEVICE AxisAlignedBox<T> load_axis_aligned_box(const T* data, long long
   return box;
 }
 
-// A box that can overlap anything: positive width and height (false for NaN). Any overlap of a
-// box that fails this is 0.
+// A box that can overlap anything: positive, finite width and height (false when a coordinate
+// is NaN or infinite). Any overlap of a box that fails this is 0: comparisons drop NaN
+// operands (min/max return the other one), so without this test a NaN box would take the
+// other box's extent and overlap it.
 template <typename T>
 DBF_HOST_DEVICE bool has_positive_extent(const AxisAlignedBox<T>& box) {
-  return box.x1 < box.x2 && box.y1 < box.y2;
+  const T w = box.x2 - box.x1;
+  const T h = box.y2 - box.y1;
+  return w > T(0) && h > T(0) && is_finite(w) && is_finite(h);
 }
 
 constexpr double kAxisAlignedMinDenominator = 1e-6;
@@ -52,6 +56,7 @@ constexpr double kAxisAlignedMinDenominator = 1e-6;
 template <typename T>
 DBF_HOST_DEVICE T axis_aligned_overlap(const AxisAlignedBox<T>& a, const AxisAlignedBox<T>& b,
                                        bool iof) {
+  if (!has_positive_extent(a) || !has_positive_extent(b)) return T(0);
   const T w = min_value(a.x2, b.x2) - max_value(a.x1, b.x1);
   const T h = min_value(a.y2, b.y2) - max_value(a.y1, b.y1);
   if (!(w > T(0) && h > T(0))) return T(0);

@@ -7,7 +7,7 @@
 
 namespace dbf_ext {
 
-// Scalar type codes; must match dbf_ext/_ext.py (DTYPE_CODES).
+// Scalar type codes, exported to Python as _C.DTYPE_CODES.
 enum class DType : int { Float32 = 0, Float64 = 1, Float16 = 2, BFloat16 = 3, Float8E4M3 = 4 };
 
 inline DType dtype_from_code(int code) {

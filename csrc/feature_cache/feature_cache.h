@@ -86,10 +86,16 @@ auto dispatch(DType dtype, F&& fn) {
 
 // The scale of a float8 channel whose largest magnitude is `amax`: maps amax to 448, the
 // largest finite float8 e4m3 value. Non-finite or zero amax keeps scale 1 (zeros stay zeros,
-// non-finite values saturate or stay NaN).
+// non-finite values saturate or stay NaN). Below amax = 448 * 2^-149 (about 6e-43) the quotient
+// would round to 0 and every value would unpack as 0 / 0 = NaN, so the scale is at least the
+// smallest float32 subnormal: the values of such a channel keep their order of magnitude (the
+// encoder saturates what exceeds 448 after the inexact division).
 DBF_HOST_DEVICE float float8_channel_scale(float amax) {
   const bool usable = amax > 0.0f && amax <= 3.4028234663852886e38f;
-  return usable ? amax / codecs::kFloat8E4M3Max : 1.0f;
+  if (!usable) return 1.0f;
+  const float scale = amax / codecs::kFloat8E4M3Max;
+  const float smallest_subnormal = codecs::bits_float(1u);
+  return scale < smallest_subnormal ? smallest_subnormal : scale;
 }
 
 // One value of a map into the store and back. Plain IEEE division and multiplication: nvcc's

@@ -85,7 +85,8 @@ __global__ void unpack_kernel(FeatureLevelDesc level, const std::int64_t* slab_a
 template <bool kPack>
 void launch_all(const FeatureCacheArgs& args, int device, std::uintptr_t stream_handle) {
   if (args.batch == 0) return;
-  cudaStream_t stream = use_device_and_stream(device, stream_handle);
+  const DeviceGuard guard(device);
+  const cudaStream_t stream = as_stream(stream_handle);
   const auto* addresses = reinterpret_cast<const std::int64_t*>(args.slab_addresses);
   formats::dispatch(args.map_dtype, [&](auto map) {
     formats::dispatch(args.storage_dtype, [&](auto store) {

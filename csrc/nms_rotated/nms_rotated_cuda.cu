@@ -210,7 +210,8 @@ void launch(const NmsRotatedArgs& args, const NmsRotatedCudaScratch& scratch,
 void nms_rotated_cuda(const NmsRotatedArgs& args, const NmsRotatedCudaScratch& scratch, int device,
                       std::uintptr_t stream) {
   if (args.boxes.count == 0) return;
-  cudaStream_t s = use_device_and_stream(device, stream);
+  const DeviceGuard guard(device);
+  const cudaStream_t s = as_stream(stream);
   dispatch_float(args.dtype, [&](auto zero) { launch<decltype(zero)>(args, scratch, s); });
 }
 

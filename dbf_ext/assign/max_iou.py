@@ -27,8 +27,6 @@ from dbf_ext.ops._checks import (
     check_same_device,
 )
 
-# Must match csrc/assign/assign.h (enum class BoxKind).
-_BOX_KIND_CODES = {"hbb": 0, "obb": 1}
 _BOX_CHECKS = {"hbb": check_horizontal_boxes, "obb": check_rotated_boxes}
 _INT64_MAX = torch.iinfo(torch.int64).max
 
@@ -164,8 +162,8 @@ def batched_max_iou_assign(
     Returns:
         One :class:`AssignResult` per image, equal to what :func:`max_iou_assign` gives.
     """
-    if box_type not in _BOX_KIND_CODES:
-        raise ValueError(f"box_type must be one of {tuple(_BOX_KIND_CODES)}, got {box_type!r}")
+    if box_type not in _BOX_CHECKS:
+        raise ValueError(f"box_type must be one of {tuple(_BOX_CHECKS)}, got {box_type!r}")
     check_boxes = _BOX_CHECKS[box_type]
     boxes_list, gt_boxes_list = list(boxes_list), list(gt_boxes_list)
     num_images = len(boxes_list)
@@ -334,8 +332,8 @@ def _max_iou_assign_op(
 
     ext = _ext.extension()
     args = ext.MaxIouAssignArgs()
-    args.box_kind = _BOX_KIND_CODES[box_type]
-    args.dtype = _ext.DTYPE_CODES[dtype]
+    args.box_kind = ext.BOX_KIND_CODES[box_type]
+    args.dtype = _ext.dtype_code(dtype)
     args.num_images = box_offsets.shape[0] - 1
     args.boxes = _ext.box_view(boxes)
     args.gts = _ext.box_view(gt_boxes)
@@ -372,9 +370,7 @@ def _max_iou_assign_op(
         if match_low_quality and not gt_max_assign_all:
             gt_argmax_box = torch.full((total_gts,), _INT64_MAX, dtype=torch.int64, device=device)
             args.gt_argmax_box = gt_argmax_box.data_ptr()
-        ext.max_iou_assign_cuda(args, *_ext.cuda_launch_args(device))
-    else:
-        ext.max_iou_assign_cpu(args, torch.get_num_threads())
+    _ext.launch("max_iou_assign", device, args)
     return gt_inds, max_overlaps, labels, kth
 
 

@@ -14,7 +14,9 @@ Conversions (DESIGN.md section 3, "Feature cache"):
   ``scale = max|x| / 448`` per (sample, level, channel), computed in the same pass. Error
   bound for a channel with scale ``s``: ``|x - x_hat| <= max(|x| * 2**-4, s * 2**-10)``
   (half a unit in the last place of a 3-bit mantissa, or half the smallest subnormal), plus
-  the float32 rounding of the division and product (~1e-7 relative).
+  the float32 rounding of the division and product (~1e-7 relative). The scale is at least
+  the smallest float32 subnormal (so a channel with max|x| below ~6e-43 does not divide by 0);
+  below max|x| ~5e-36 the scale is itself subnormal and the bound is looser, never NaN.
 """
 
 from __future__ import annotations
@@ -105,19 +107,15 @@ class SlabLayout:
         ]
 
     def _launch(self, kernel: str, maps: list[Tensor], slab_addresses: Tensor) -> None:
-        ext = _ext.extension()
-        args = (
+        _ext.launch(
+            kernel,
+            maps[0].device,
             self._level_tuples(maps),
-            _ext.DTYPE_CODES[self.map_dtype],
-            _ext.DTYPE_CODES[STORAGE_DTYPES[self.storage_dtype]],
+            _ext.dtype_code(self.map_dtype),
+            _ext.dtype_code(STORAGE_DTYPES[self.storage_dtype]),
             slab_addresses.shape[0],
             slab_addresses.data_ptr(),
         )
-        device = maps[0].device
-        if device.type == "cuda":
-            getattr(ext, f"{kernel}_cuda")(*args, *_ext.cuda_launch_args(device))
-        else:
-            getattr(ext, f"{kernel}_cpu")(*args, torch.get_num_threads())
 
     def pack(self, maps: list[Tensor], slabs: Tensor) -> None:
         """Writes sample ``n`` of every ``(N, C, H, W)`` map into row ``n`` of ``slabs``.

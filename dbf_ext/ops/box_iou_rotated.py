@@ -70,20 +70,17 @@ def _box_iou_rotated_op(
     out = torch.empty(_output_shape(b1, b2, aligned), dtype=compute, device=b1.device)
     if out.numel() == 0:
         return out.to(boxes1.dtype)
-    ext = _ext.extension()
-    args = (
+    _ext.launch(
+        "box_iou_rotated",
+        b1.device,
         _ext.box_view(b1),
         _ext.box_view(b2),
-        _ext.DTYPE_CODES[compute],
+        _ext.dtype_code(compute),
         out.data_ptr(),
         aligned,
         mode == "iof",
         clockwise,
     )
-    if b1.device.type == "cuda":
-        ext.box_iou_rotated_cuda(*args, *_ext.cuda_launch_args(b1.device))
-    else:
-        ext.box_iou_rotated_cpu(*args, torch.get_num_threads())
     return out.to(boxes1.dtype)
 
 

@@ -16,8 +16,6 @@ from dbf_ext.ops._checks import (
     check_tensor,
 )
 
-# Boxes per tile side of the CUDA suppression mask = bits per mask word (nms_rotated.h).
-_MASK_BLOCK = 64
 # Bound of the CUDA mask scratch. The upper triangle of the mask takes N^2 / 16 bytes (625 MB
 # for N = 100k); beyond this bound it is computed and reduced in chunks of rows, on the device.
 _MASK_BUDGET_BYTES = 256 << 20
@@ -220,35 +218,33 @@ def _nms_rotated_op(
         labels = labels.to(torch.int64).contiguous()
     args = (
         _ext.box_view(boxes),
-        _ext.DTYPE_CODES[compute],
+        _ext.dtype_code(compute),
         order.data_ptr(),
         0 if labels is None else labels.data_ptr(),
         iou_threshold,
         keep.data_ptr(),
     )
-    ext = _ext.extension()
     if boxes.device.type == "cuda":
-        count = _nms_rotated_cuda(ext, args, num_boxes, has_nan, boxes.device)
+        count = _nms_rotated_cuda(args, num_boxes, has_nan, boxes.device)
     else:
         if has_nan:
             raise ValueError(_NAN_MESSAGE.format("nms_rotated"))
-        count = ext.nms_rotated_cpu(*args, torch.get_num_threads())
+        count = _ext.launch("nms_rotated", boxes.device, *args)
     return keep[:count]
 
 
-def _nms_rotated_cuda(ext, args: tuple, num_boxes: int, has_nan: Tensor, device) -> int:
+def _nms_rotated_cuda(args: tuple, num_boxes: int, has_nan: Tensor, device) -> int:
     """Runs the CUDA kernels; returns the number of kept boxes (the one host sync)."""
-    row_blocks = -(-num_boxes // _MASK_BLOCK)
-    triangle_words = _MASK_BLOCK * row_blocks * (row_blocks + 1) // 2
-    mask_words = min(triangle_words, max(_MASK_BUDGET_BYTES // 8, _MASK_BLOCK * row_blocks))
+    block = _ext.extension().NMS_BLOCK_BOXES
+    row_blocks = -(-num_boxes // block)
+    triangle_words = block * row_blocks * (row_blocks + 1) // 2
+    mask_words = min(triangle_words, max(_MASK_BUDGET_BYTES // 8, block * row_blocks))
     mask = torch.empty(mask_words, dtype=torch.int64, device=device)
     removed = torch.zeros(row_blocks, dtype=torch.int64, device=device)
     status = torch.zeros(2, dtype=torch.int64, device=device)  # kept count, NaN found
     status[1:].copy_(has_nan.view(1))
-    ext.nms_rotated_cuda(
-        *args, mask.data_ptr(), mask_words, removed.data_ptr(), status.data_ptr(),
-        *_ext.cuda_launch_args(device),
-    )
+    _ext.launch("nms_rotated", device, *args, cuda_args=(
+        mask.data_ptr(), mask_words, removed.data_ptr(), status.data_ptr()))
     count, nan_found = status.tolist()
     if nan_found:
         raise ValueError(_NAN_MESSAGE.format("nms_rotated"))
