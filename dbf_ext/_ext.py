@@ -99,6 +99,16 @@ def dtype_code(dtype: torch.dtype) -> int:
     return extension().DTYPE_CODES[str(dtype).removeprefix("torch.")]
 
 
+def host_values_to(device: torch.device, values: list, dtype: torch.dtype) -> torch.Tensor:
+    """A tensor of Python ``values`` on ``device`` without a host synchronisation: on CUDA the
+    values are staged in pinned memory and copied asynchronously on the current stream (a
+    plain ``torch.tensor(values, device=cuda)`` copies from pageable memory and waits)."""
+    if device.type != "cuda":
+        return torch.tensor(values, dtype=dtype, device=device)
+    staged = torch.tensor(values, dtype=dtype).pin_memory()
+    return staged.to(device, non_blocking=True)
+
+
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """float64 is computed in float64; float16, bfloat16 and float32 in float32."""
     return torch.float64 if dtype == torch.float64 else torch.float32

@@ -1,14 +1,15 @@
 """Generators of DOTA-like rotated boxes and FPN anchors, and a peak-memory probe, shared by
 the tests, the benchmarks and the docs.
 
-The defaults follow DESIGN.md section 4: a 1024 x 1024 tile, sides 4-100 px, uniform angles.
+The defaults are DOTA-like: a 1024 x 1024 tile, sides 4-100 px, uniform angles.
 """
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import TypeVar
 
 import torch
@@ -96,3 +97,15 @@ def peak_resident_mib(fn: Callable[[], R]) -> tuple[R, float]:
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as status:
         return int(status.read().split(field + ":")[1].split()[0])
+
+
+@contextlib.contextmanager
+def no_host_sync() -> Iterator[None]:
+    """Inside, any CUDA operation that makes the host wait for the GPU raises (torch's sync
+    debug mode): the check that an operator never synchronises."""
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        yield
+    finally:
+        torch.cuda.set_sync_debug_mode("default")

@@ -14,7 +14,7 @@ import torch
 from dbf_ext.assign import AssignResult, batched_max_iou_assign, max_iou_assign
 from dbf_ext.assign._reference import max_iou_assign_reference
 from dbf_ext.boxes import hbb2obb
-from dbf_ext.testing import fpn_anchors, peak_resident_mib, random_rotated_boxes
+from dbf_ext.testing import fpn_anchors, no_host_sync, peak_resident_mib, random_rotated_boxes
 
 
 # ---------------------------------------------------------------------------------------------
@@ -400,3 +400,21 @@ def test_torch_compile_matches_eager():
     compiled = torch.compile(positives, backend="eager")
     for got, want in zip(compiled(anchors, gts, labels), positives(anchors, gts, labels)):
         assert torch.equal(got, want)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("box_type", ["hbb", "obb"])
+def test_cuda_assign_never_waits_for_the_gpu(box_type):
+    """No host synchronisation (pageable copies, .item(), .tolist()) anywhere in a batched
+    assignment with every option that adds inputs: torch raises on any in this mode."""
+    generator = torch.Generator().manual_seed(11)
+    cases = [make_case(box_type, 8, 120, generator) for _ in range(3)]
+    boxes, gts, labels, ignore = ([t.cuda() for t in column] for column in zip(*cases))
+    options = dict(pos_iou_thr=0.5, neg_iou_thr=0.4, ignore_iof_thr=0.5, box_type=box_type,
+                   return_topk_iou=20, topk_with_gts=True)
+    expected = batched_max_iou_assign(boxes, gts, labels, ignore_boxes=ignore, **options)
+    with no_host_sync():
+        results = batched_max_iou_assign(boxes, gts, labels, ignore_boxes=ignore, **options)
+    for got, want in zip(results, expected):
+        assert torch.equal(got.gt_inds, want.gt_inds)
+        assert torch.equal(got.kth_largest_overlap, want.kth_largest_overlap)

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from dbf_ext.cache import SlabLayout
+from dbf_ext.testing import no_host_sync
 
 MAP_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 EXACT_STORAGE = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -181,3 +182,12 @@ def test_cuda_slabs_identical_to_cpu(generator, storage):
     _, gpu_slabs, gpu_out = round_trip([m.cuda() for m in maps], storage)
     assert torch.equal(cpu_slabs, gpu_slabs.cpu())
     assert all(same_values(a, b.cpu()) for a, b in zip(cpu_out, gpu_out))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_pack_and_unpack_never_wait_for_the_gpu(generator):
+    maps = [m.cuda() for m in feature_maps(generator, torch.float32)]
+    _, _, expected = round_trip(maps, "float8_e4m3")
+    with no_host_sync():
+        _, _, unpacked = round_trip(maps, "float8_e4m3")
+    assert all(same_values(a, b) for a, b in zip(unpacked, expected))

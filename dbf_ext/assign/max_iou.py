@@ -220,7 +220,7 @@ def batched_max_iou_assign(
         _offsets(box_counts, device),
         _offsets(gt_counts, device),
         _offsets([r.shape[0] for r in ignore_list], device) if use_ignore else None,
-        None if topk is None else torch.tensor(in_boxes, dtype=torch.int64, device=device),
+        None if topk is None else _ext.host_values_to(device, in_boxes, torch.int64),
         box_type,
         pos_iou_thr,
         neg_lo,
@@ -235,8 +235,8 @@ def batched_max_iou_assign(
     )
     if topk is not None:
         # Where K does not reach past the gts, the K-th largest is a gt's IoU 1.
-        within_gts = torch.tensor(
-            [k > 0 and b <= 0 for k, b in zip(topk_counts, in_boxes)], device=device
+        within_gts = _ext.host_values_to(
+            device, [k > 0 and b <= 0 for k, b in zip(topk_counts, in_boxes)], torch.bool
         )
         kth = kth.masked_fill(within_gts, 1.0)
     label_parts = labels.split(box_counts) if gt_labels_list is not None else [None] * num_images
@@ -286,7 +286,7 @@ def _offsets(counts: list[int], device: torch.device) -> Tensor:
     starts = [0]
     for count in counts:
         starts.append(starts[-1] + count)
-    return torch.tensor(starts, dtype=torch.int64, device=device)
+    return _ext.host_values_to(device, starts, torch.int64)
 
 
 def _output_shapes(boxes: Tensor, box_offsets: Tensor, with_labels: bool, with_topk: bool):

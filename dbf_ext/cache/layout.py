@@ -144,8 +144,8 @@ class SlabLayout:
             if not row.is_contiguous():
                 raise ValueError("slab rows must be contiguous")
         if rows:
-            addresses = torch.tensor([r.data_ptr() for r in rows], dtype=torch.int64)
-            self._launch("unpack_features", maps, addresses.to(device))
+            addresses = _ext.host_values_to(device, [r.data_ptr() for r in rows], torch.int64)
+            self._launch("unpack_features", maps, addresses)
         return maps
 
     def _check_slabs(self, slabs: Tensor, maps: list[Tensor]) -> None:
@@ -163,5 +163,5 @@ class SlabLayout:
 def _row_addresses(slabs: Tensor) -> Tensor:
     """Start address of each row of ``slabs``, as an int64 tensor on the slabs' device."""
     base, row_stride = slabs.data_ptr(), slabs.stride(0)
-    addresses = torch.arange(slabs.shape[0], dtype=torch.int64) * row_stride + base
-    return addresses.to(slabs.device, non_blocking=True)
+    # Computed on the device: no host-to-device copy to wait for.
+    return torch.arange(slabs.shape[0], dtype=torch.int64, device=slabs.device) * row_stride + base
