@@ -25,6 +25,7 @@ lines, the format of the DOTA evaluation server.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import warnings
@@ -227,6 +228,10 @@ def _parse_label_file(path: Path, classes: Collection[str] | None, sink: _IssueS
         if flag not in ("0", "1"):
             sink.report(path, number, f"difficult must be 0 or 1, got {flag!r}")
             continue
+        if _spans_no_area(coords):
+            sink.report(path, number, f"degenerate polygon (coincident or collinear corners, no area): "
+                                      f"{' '.join(fields[:8])!r}")
+            continue
         polygons.append(coords)
         names.append(name)
         difficult.append(flag == "1")
@@ -236,6 +241,28 @@ def _parse_label_file(path: Path, classes: Collection[str] | None, sink: _IssueS
         np.array(difficult, dtype=bool),
         header,
     )
+
+
+# Rounding error of a cross product of coordinate differences, in units of
+# extent * (extent + largest |coordinate|): 4 operations, each within one epsilon, doubled.
+_FLAT_TOLERANCE = 8 * np.finfo(np.float64).eps
+
+
+def _spans_no_area(coords: Sequence[float]) -> bool:
+    """True when four corners span no area (coincident or collinear, up to rounding).
+
+    The convex hull of the corners, not the polygon in file order: DOTA tools accept any
+    corner order, and a "bow tie" order has zero signed area although it spans a rectangle.
+    The hull has zero area exactly when every triangle of three corners has.
+    """
+    points = np.asarray(coords, dtype=np.float64).reshape(4, 2)
+    extent = float(np.ptp(points, axis=0).max())
+    magnitude = float(np.abs(points).max())
+    largest = 0.0
+    for a, b, c in itertools.combinations(points, 3):
+        (ux, uy), (vx, vy) = b - a, c - a
+        largest = max(largest, abs(float(ux * vy - uy * vx)))
+    return largest <= _FLAT_TOLERANCE * extent * (extent + magnitude)
 
 
 class DotaFolder:
@@ -275,11 +302,21 @@ class DotaFolder:
                     f"{self.root}/{labels_dir}; labels_dir=None reads images only)"
                 )
             known = None if classes is None else frozenset(classes)
-            for label_path in sorted(label_root.glob("*.txt")):
-                if label_path.stem not in self._image_paths:
+            label_paths: dict[str, Path] = {}
+            for label_path in sorted(label_root.iterdir()):
+                # ".TXT" too: folders copied from case-insensitive file systems have both cases.
+                if label_path.suffix.lower() != ".txt" or not label_path.is_file():
+                    continue
+                image_id = label_path.stem
+                if image_id not in self._image_paths:
                     sink.report(label_path, None, f"label file has no image in {self.root / images_dir}")
                     continue
-                self._labels[label_path.stem] = _parse_label_file(label_path, known, sink)
+                if image_id in label_paths:
+                    sink.report(label_path, None, f"two label files for image {image_id!r}: "
+                                                  f"{label_paths[image_id].name} and {label_path.name}")
+                    continue
+                label_paths[image_id] = label_path
+                self._labels[image_id] = _parse_label_file(label_path, known, sink)
         if classes is None:
             classes = sorted({name for labels in self._labels.values() for name in labels.class_names})
         elif len(set(classes)) != len(classes):
