@@ -457,3 +457,15 @@ def test_images_without_a_known_range_are_refused(tmp_path, name, pixels, messag
     with pytest.raises(ImageReadError, match=message) as info:
         ds.load_image(0)
     assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", "", "two words", "nul\0", "..", "x:y", "q?"])
+def test_task1_refuses_class_names_that_are_not_safe_file_names(tmp_path, name):
+    out = tmp_path / "out" / "deeper"
+    with pytest.raises(ValueError, match="class name"):
+        write_dota_task1(out, ["P1"], [[np.zeros((0, 6))]], [name])
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    with pytest.raises(ValueError, match="class name"):
+        read_dota_task1(out, [name])
+    # the names of DOTA, DIOR-R and FAIR1M-style sets are fine
+    write_dota_task1(out, ["P1"], [[np.zeros((0, 6))] * 3], ["container-crane", "Expressway-toll-station", "Boeing737_v1.2"])

@@ -7,7 +7,8 @@ A DOTA folder holds ``images/<image_id>.<ext>`` (png, jpg, jpeg, tif, tiff or bm
     x1 y1 x2 y2 x3 y3 x4 y4 class difficult
 
 (the four corners of the object in pixels, its class name, ``1`` for a difficult object). A line
-with nine fields (no ``difficult``) is read as ``difficult = 0``, as the DOTA devkit does.
+with nine fields (no ``difficult``) is read as ``difficult = 0``, as the DOTA devkit does. A
+polygon whose corners span no area (coincident or collinear) is a problem: it has no box.
 
 Malformed input is never dropped silently. With ``errors="raise"`` (default) the first problem
 raises :class:`DotaFormatError` with the file and line number; with ``errors="warn"`` every
@@ -53,6 +54,9 @@ _ERROR_MODES = ("raise", "warn")
 _OBJECT_FIELDS = "x1 y1 x2 y2 x3 y3 x4 y4 class difficult"
 # "key:value" header lines start with a name; object lines start with a coordinate.
 _HEADER_LINE = re.compile(r"^\s*([A-Za-z][\w-]*)\s*:(.*)$")
+# Class names that are safe in a Task1 file name on every system: no separators, no characters
+# Windows refuses, no whitespace (DOTA lines split on it), no leading dot.
+_SAFE_CLASS_NAME = re.compile(r"\w[\w.+-]*")
 
 
 class DotaFormatError(ValueError):
@@ -304,7 +308,7 @@ class DotaFolder:
             known = None if classes is None else frozenset(classes)
             label_paths: dict[str, Path] = {}
             for label_path in sorted(label_root.iterdir()):
-                # ".TXT" too: folders copied from case-insensitive file systems have both cases.
+                # ".TXT" too: some tools (and Windows copies) write upper-case extensions.
                 if label_path.suffix.lower() != ".txt" or not label_path.is_file():
                     continue
                 image_id = label_path.stem
@@ -399,16 +403,17 @@ def write_dota_task1(
         det_results: ``det_results[image][class]`` arrays ``(k, 6)`` = rotated box + score
             (``"obb"``) or ``(k, 5)`` = ``x1, y1, x2, y2, score`` (``"hbb"``, written as
             four corners) — the format of :func:`dbf_ext.evaluation.eval_map`. Tensors work.
-        classes: class names, one per class index.
+        classes: class names, one per class index; each must be a safe file name (letters,
+            digits, ``_``, and after the first character ``.``, ``+``, ``-``), or
+            ``ValueError`` is raised before anything is written.
 
     Returns:
         The files written, one per class (empty files for classes without detections).
     """
     if len(image_ids) != len(det_results):
         raise ValueError(f"got {len(image_ids)} image ids for {len(det_results)} detection results")
+    paths = [_task1_path(out_dir, name) for name in classes]
     dim = box_dim(box_type) + 1
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     lines: list[list[str]] = [[] for _ in classes]
     for image_id, per_class in zip(image_ids, det_results):
         if not image_id or len(image_id.split()) != 1:
@@ -421,12 +426,20 @@ def write_dota_task1(
             polygons = boxes_to_polygons(dets[:, :-1], box_type)
             for score, polygon in zip(dets[:, -1], polygons):
                 class_lines.append(" ".join([image_id, _format_number(score), *map(_format_number, polygon)]))
-    paths = []
-    for name, class_lines in zip(classes, lines):
-        path = out_dir / f"Task1_{name}.txt"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for path, class_lines in zip(paths, lines):
         path.write_text("".join(line + "\n" for line in class_lines), encoding="utf-8")
-        paths.append(path)
     return paths
+
+
+def _task1_path(out_dir: str | Path, class_name: str) -> Path:
+    """``out_dir/Task1_<class_name>.txt``; a class name that is not a safe file name is refused."""
+    if not _SAFE_CLASS_NAME.fullmatch(class_name):
+        raise ValueError(
+            f"class name {class_name!r} is not a safe file name for a Task1 file (letters, digits, "
+            "'_', and after the first character '.', '+', '-')"
+        )
+    return Path(out_dir) / f"Task1_{class_name}.txt"
 
 
 @dataclass(frozen=True)
@@ -446,7 +459,7 @@ def read_dota_task1(out_dir: str | Path, classes: Iterable[str]) -> dict[str, Ta
     """
     results = {}
     for name in classes:
-        path = Path(out_dir) / f"Task1_{name}.txt"
+        path = _task1_path(out_dir, name)
         rows: list[tuple[str, list[float]]] = []
         if path.exists():
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
