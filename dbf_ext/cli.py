@@ -247,8 +247,19 @@ def main(argv: list[str] | None = None) -> int:
     # Mistakes and faults of input, files and numbers: one line, no traceback. OSError covers
     # missing files, permissions, a file where a folder should be, a full disk.
     except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as err:
-        print(f"dbf-ext {args.command}: error: {err}", file=sys.stderr)
+        print(f"dbf-ext {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line. An error raised in a data loader worker process comes
+    back with the worker's traceback in its message; its last line is the original error."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1]
+    return " ".join(lines)
 
 
 if __name__ == "__main__":

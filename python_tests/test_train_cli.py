@@ -425,3 +425,14 @@ def test_piped_output_keeps_every_figure_on_its_line(tiny_set, tmp_path):
     assert any(re.search(r"mAP50 \(VOC07, val\) +│ +\d\.\d{3} │", line) for line in lines), lines
     for line in lines:  # no figure or figure-less label alone on a line
         assert not re.fullmatch(r"[\s│]*[\d.]+%?[\s│]*", line), lines
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_corrupt_image_mid_epoch_is_a_one_line_error_naming_it(tiny_set, tmp_path, capsys, workers):
+    data = tmp_path / "data"
+    shutil.copytree(tiny_set, data)
+    image = sorted((data / "train" / "images").iterdir())[2]
+    image.write_bytes(image.read_bytes()[:300])  # truncated: the header reads, the pixels do not
+    assert run_train(data, tmp_path / "run", "--epochs", "1", "--cache", "off",
+                     "--workers", str(workers)) == 1
+    assert f"{image}: cannot read the image" in one_line_error(capsys)
