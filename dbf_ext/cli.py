@@ -61,11 +61,9 @@ def _print_summary(result, console) -> None:
 
 
 def _run_training(config, plot: str | None) -> int:
-    from rich.console import Console
+    from dbf_ext.train import output_console, plot_history, train
 
-    from dbf_ext.train import plot_history, train
-
-    console = Console()
+    console = output_console()
     result = train(config, console=console)
     _print_summary(result, console)
     if plot:
@@ -122,27 +120,24 @@ def _cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         seed=args.seed,
         resume=args.resume,
+        overwrite=args.overwrite,
+        label_errors=args.label_errors,
     )
     return _run_training(config, args.plot)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    import torch
-
     from dbf_ext.data import DotaDetectionDataset
-    from dbf_ext.train import build_detector, evaluate
+    from dbf_ext.train import build_detector, evaluate, load_checkpoint, load_model_weights, resolve_device
 
-    checkpoint = Path(args.checkpoint)
-    if not checkpoint.is_file():
-        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
-    state = torch.load(checkpoint, map_location="cpu", weights_only=True)
-    config = state["config"]
-    train_set = DotaDetectionDataset(config["data"], "train")
-    dataset = DotaDetectionDataset(args.data or config["data"], args.split, classes=train_set.classes)
-    model = build_detector(config["model"], train_set.num_classes, config["image_size"])
-    model.load_state_dict(state["model"])
-    device = torch.device(args.device if args.device != "auto" else
-                          ("cuda" if torch.cuda.is_available() else "cpu"))
+    device = resolve_device(args.device)
+    state = load_checkpoint(args.checkpoint)
+    config, classes = state["config"], tuple(state["classes"])
+    # The classes the model was trained for, in its label order: the training folder may have
+    # moved or changed since.
+    dataset = DotaDetectionDataset(args.data or config["data"], args.split, classes=classes)
+    model = build_detector(config["model"], len(classes), config["image_size"])
+    load_model_weights(model, state, args.checkpoint)
     mean_ap, per_class = evaluate(model.to(device), dataset, device, iou_thr=args.iou_thr)
     print(f"mAP@{args.iou_thr} (VOC07) on {len(dataset)} images of '{args.split}': {mean_ap:.4f}")
     for name, ap in per_class.items():
@@ -157,8 +152,13 @@ def _epoch_list(text: str) -> tuple[int, ...]:
         first, _, last = part.partition("-")
         if not first.isdigit() or (last and not last.isdigit()):
             raise ValueError(f"--unfrozen-epochs takes epochs like 1,21,41 or 0-5,10; got {text!r}")
+        if last and int(last) < int(first):
+            raise ValueError(f"--unfrozen-epochs: the range {part} runs backwards (write {last}-{first})")
         epochs.extend(range(int(first), int(last or first) + 1))
     return tuple(epochs)
+
+
+_DEVICE_HELP = "auto (a GPU when usable, else the CPU), cpu, cuda or cuda:N"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -173,12 +173,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo", help="train on the embedded synthetic aerial set with DBF + feature cache")
-    demo.add_argument("--epochs", type=int, default=16)
+    demo.add_argument("--epochs", type=int, default=16, help="epochs to train (default 16)")
     demo.add_argument("--unfrozen", type=int, default=6,
                       help="the backbone trains in the first N epochs, frozen after (default 6)")
     demo.add_argument("--output", default="dbf_ext_demo", help="run folder (log, checkpoint, plot)")
     demo.add_argument("--plot", help="plot path (default: OUTPUT/demo.png)")
-    demo.add_argument("--device", default="auto")
+    demo.add_argument("--device", default="auto", help=_DEVICE_HELP)
     demo.set_defaults(handler=_cmd_demo)
 
     from dbf_ext.train.loop import SCHEDULES, TrainConfig
@@ -188,13 +188,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr = commands.add_parser("train", help="train a detector on a DOTA-format folder")
     tr.add_argument("--data", required=True, help="folder with train/ and val/ DOTA splits")
     tr.add_argument("--format", default="dota", help="dataset format (dota)")
-    tr.add_argument("--output", default=defaults.output_dir)
-    tr.add_argument("--model", choices=MODELS, default=defaults.model)
-    tr.add_argument("--image-size", type=int, default=defaults.image_size)
-    tr.add_argument("--epochs", type=int, default=defaults.epochs)
-    tr.add_argument("--batch-size", type=int, default=defaults.batch_size)
-    tr.add_argument("--lr", type=float, default=defaults.lr)
-    tr.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule)
+    tr.add_argument("--output", default=defaults.output_dir,
+                    help="run folder: log.jsonl, checkpoint.pt (default %(default)s)")
+    tr.add_argument("--overwrite", action="store_true",
+                    help="replace the run in OUTPUT (without it, a folder holding a run is refused)")
+    tr.add_argument("--model", choices=MODELS, default=defaults.model,
+                    help="detector (default %(default)s): " + ", ".join(MODELS))
+    tr.add_argument("--image-size", type=int, default=defaults.image_size,
+                    help="images are resized so their sides are at most this (default %(default)s)")
+    tr.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs to train (default %(default)s)")
+    tr.add_argument("--batch-size", type=int, default=defaults.batch_size,
+                    help="images per step (default %(default)s)")
+    tr.add_argument("--lr", type=float, default=defaults.lr,
+                    help="peak learning rate of SGD, after warm-up, cosine decay (default %(default)s)")
+    tr.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
+                    help="freezing schedule of the backbone (default %(default)s)")
     tr.add_argument("--unfrozen-epochs", default="0",
                     help="step-interval: epochs in which the backbone trains, e.g. 1,21,41 or 0-5")
     tr.add_argument("--step-epoch", type=int, default=defaults.step_epoch,
@@ -205,23 +213,32 @@ def build_parser() -> argparse.ArgumentParser:
                     help="feature cache: DTYPE[:TIER=SIZE,...] (dtype float32|bfloat16|float16|"
                          "float8_e4m3; tiers gpu, cpu, disk), or off")
     tr.add_argument("--cache-dir", help="folder of the disk tier (default OUTPUT/feature_cache)")
-    tr.add_argument("--hflip", type=float, default=defaults.hflip)
+    tr.add_argument("--hflip", type=float, default=defaults.hflip,
+                    help="probability of a horizontal flip per sample and epoch (default %(default)s)")
     tr.add_argument("--dynamic-rcnn", action="store_true", help="Dynamic R-CNN label assignment")
     tr.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
-    tr.add_argument("--device", default="auto")
-    tr.add_argument("--workers", type=int, default=defaults.workers)
-    tr.add_argument("--eval-every", type=int, default=defaults.eval_every)
-    tr.add_argument("--seed", type=int, default=defaults.seed)
+    tr.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    tr.add_argument("--workers", type=int, default=defaults.workers,
+                    help="data loader worker processes (default %(default)s: load in the main process)")
+    tr.add_argument("--eval-every", type=int, default=defaults.eval_every,
+                    help="evaluate mAP every N epochs (default %(default)s: after the last epoch only)")
+    tr.add_argument("--seed", type=int, default=defaults.seed,
+                    help="seed of initialisation, shuffling and flips (default %(default)s)")
+    tr.add_argument("--label-errors", choices=("raise", "warn"), default=defaults.label_errors,
+                    help="a malformed label line (e.g. a polygon without area) stops the run "
+                         "(raise, default) or is dropped with a warning naming file and line (warn)")
     tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
     tr.add_argument("--plot", help="write losses, mAP and the freeze timeline to this PNG")
     tr.set_defaults(handler=_cmd_train)
 
     ev = commands.add_parser("eval", help="mAP of a checkpoint on a DOTA-format split")
-    ev.add_argument("--checkpoint", required=True)
+    ev.add_argument("--checkpoint", required=True,
+                    help="checkpoint.pt of a training run (it holds the model and its classes)")
     ev.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
-    ev.add_argument("--split", default="val")
-    ev.add_argument("--iou-thr", type=float, default=0.5)
-    ev.add_argument("--device", default="auto")
+    ev.add_argument("--split", default="val", help="split folder of the dataset (default %(default)s)")
+    ev.add_argument("--iou-thr", type=float, default=0.5,
+                    help="IoU for a detection to match (default %(default)s)")
+    ev.add_argument("--device", default="auto", help=_DEVICE_HELP)
     ev.set_defaults(handler=_cmd_eval)
     return parser
 
@@ -234,9 +251,22 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         return args.handler(args)
-    except (ValueError, TypeError, FileNotFoundError, ImportError) as err:
-        print(f"dbf-ext {args.command}: error: {err}", file=sys.stderr)
+    # Mistakes and faults of input, files and numbers: one line, no traceback. OSError covers
+    # missing files, permissions, a file where a folder should be, a full disk.
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as err:
+        print(f"dbf-ext {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
+
+
+def _one_line(err: BaseException) -> str:
+    """An error's message on one line. An error raised in a data loader worker process comes
+    back with the worker's traceback in its message; its last line is the original error."""
+    lines = [line.strip() for line in str(err).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(err).__name__
+    if lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]:
+        return lines[-1]
+    return " ".join(lines)
 
 
 if __name__ == "__main__":

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import shapely
 import torch
 from PIL import Image
 
@@ -13,6 +14,7 @@ from dbf_ext.data import (
     DotaFolder,
     DotaFormatError,
     DotaFormatWarning,
+    ImageReadError,
     boxes_to_polygons,
     collate_fn,
     polygons_to_hbb,
@@ -321,3 +323,149 @@ def test_dataset_without_split_and_image_formats(tmp_path):
     exact = np.array(Image.open(root / "images" / "im_png.png"))
     torch.testing.assert_close(ds.load_image(ds.image_ids.index("im_png")),
                                torch.from_numpy(exact).permute(2, 0, 1).float() / 255)
+
+
+# ----- bad data: degenerate polygons, upper-case extensions, corrupt and deep images -----------
+
+
+@pytest.mark.parametrize(
+    "polygon",
+    [
+        "10 20 10 20 10 20 10 20",       # four coincident corners
+        "0 0 10 10 20 20 30 30",         # collinear, on a diagonal
+        "0.1 0.3 0.2 0.6 0.3 0.9 0.4 1.2",  # collinear, coordinates not exact in binary
+        "5 5 25 5 25 5 5 5",             # a rectangle of height 0
+        "0 0 10 0 0 0 20 0",             # two corners coincide, all on one line
+    ],
+)
+def test_degenerate_polygon_is_refused_or_dropped_with_file_and_line(tmp_path, polygon):
+    path = write_text(tmp_path / "P0009.txt", f"gsd:0.5\n{GOOD_LINE}\n{polygon} plane 0\n{GOOD_LINE}\n")
+    with pytest.raises(DotaFormatError, match="degenerate polygon") as info:
+        read_dota_labels(path)
+    assert str(info.value).startswith(f"{path}:3:")
+    with pytest.warns(DotaFormatWarning, match=rf"P0009.txt:3: degenerate polygon"):
+        labels, issues = read_dota_labels(path, errors="warn")
+    assert labels.class_names == ("small-vehicle", "small-vehicle") and [i.line for i in issues] == [3]
+
+
+def test_thin_and_oddly_ordered_polygons_are_kept(tmp_path):
+    # Positive area, however thin, and any corner order (a "bow tie" order has zero shoelace
+    # area but spans a rectangle) are objects: the reference is shapely's convex hull.
+    lines = ["0 0 100 0 100 0.5 0 0.5", "0 0 10 10 10 0 0 10", "3 1 1 3 -1 1 1 -1", "0 0 1e-3 0 1e-3 1e-3 0 1e-3"]
+    labels, _ = read_dota_labels(write_text(tmp_path / "a.txt", "".join(f"{p} plane 0\n" for p in lines)))
+    assert len(labels) == len(lines)
+    for polygon in labels.polygons:
+        assert shapely.MultiPoint(polygon.reshape(4, 2)).convex_hull.area > 0
+    hbb = polygons_to_hbb(labels.polygons)
+    assert np.all(hbb[:, 2] > hbb[:, 0]) and np.all(hbb[:, 3] > hbb[:, 1])
+
+
+def test_upper_case_label_extensions_are_found(tmp_path):
+    root = make_folder(tmp_path, {"P1": GOOD_LINE}, images=["P1", "P2"])
+    write_text(root / "labelTxt" / "P2.TXT", "1 2 3 2 3 4 1 4 plane 1\n")
+    write_image(root / "images" / "P3.PNG")
+    write_text(root / "labelTxt" / "P3.Txt", GOOD_LINE + "\n")
+    folder = DotaFolder(root)
+    assert folder.image_ids == ("P1", "P2", "P3")
+    assert folder.labels("P2").class_names == ("plane",)
+    assert folder.labels("P3").class_names == ("small-vehicle",)
+    write_text(root / "labelTxt" / "P1.TXT", GOOD_LINE + "\n")
+    with pytest.raises(DotaFormatError, match="two label files for image 'P1'"):
+        DotaFolder(root)
+
+
+def image_dataset(root, name, save):
+    """A one-image DOTA folder whose image is written by ``save(path)``."""
+    (root / "images").mkdir(parents=True)
+    (root / "labelTxt").mkdir()
+    path = root / "images" / name
+    save(path)
+    return DotaDetectionDataset(root), path
+
+
+def test_truncated_and_corrupt_images_raise_naming_the_file(tmp_path):
+    def truncated(path):
+        write_image(path, size=(64, 48))
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+
+    def garbage(path):
+        path.write_bytes(b"\x89PNG\r\n\x1a\n" + bytes(range(256)) * 4)
+
+    for name, save in (("cut.png", truncated), ("junk.png", garbage)):
+        ds, path = image_dataset(tmp_path / name, name, save)
+        with pytest.raises(ImageReadError, match=f"{path}: ") as info:
+            ds.load_image(0)
+        assert isinstance(info.value, ValueError) and "\n" not in str(info.value)
+    with pytest.raises(ImageReadError, match="junk.png"):
+        ds.image_size(0)
+
+
+def png16(path, pixels):
+    """A 16-bit PNG written byte by byte (Pillow cannot write 16-bit colour PNGs):
+    (H, W) grey or (H, W, 3) RGB uint16."""
+    import struct
+    import zlib
+
+    height, width = pixels.shape[:2]
+    color_type = 2 if pixels.ndim == 3 else 0
+    raw = b"".join(b"\x00" + row.astype(">u2").tobytes() for row in pixels)
+
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    header = struct.pack(">IIBBBBB", width, height, 16, color_type, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(raw))
+                     + chunk(b"IEND", b""))
+
+
+DEEP = (np.arange(48, dtype=np.int64).reshape(6, 8) * 1393 % 65536).astype(np.uint16)
+
+
+@pytest.mark.parametrize(
+    "name, save, expected",
+    [
+        # 16-bit grey: scaled by the 16-bit range, not clipped at 255
+        ("g16.png", lambda p: png16(p, DEEP), np.repeat(DEEP[None] / 65535.0, 3, 0)),
+        ("g16.tif", lambda p: Image.fromarray(DEEP).save(p), np.repeat(DEEP[None] / 65535.0, 3, 0)),
+        # 16-bit RGB: Pillow keeps the high byte of each channel
+        ("rgb16.png", lambda p: png16(p, np.stack([DEEP, DEEP[::-1], 65535 - DEEP], -1)),
+         np.stack([DEEP, DEEP[::-1], 65535 - DEEP]) // 256 / 255.0),
+        # float in [0, 1]: taken as it is, not clipped to {0, 1}
+        ("f32.tif", lambda p: Image.fromarray((DEEP / 65535.0).astype(np.float32)).save(p),
+         np.repeat((DEEP / 65535.0).astype(np.float32)[None], 3, 0)),
+    ],
+)
+def test_deep_images_are_scaled_by_their_range(tmp_path, name, save, expected):
+    ds, _ = image_dataset(tmp_path, name, save)
+    image = ds.load_image(0)
+    assert image.dtype == torch.float32 and image.shape == (3, 6, 8)
+    np.testing.assert_allclose(image.numpy(), expected, rtol=0, atol=1e-6)
+    assert image.max() > 0.9  # neither black nor clipped
+
+
+@pytest.mark.parametrize(
+    "name, pixels, message",
+    [
+        ("radiance.tif", DEEP.astype(np.float32) * 3.5, rf"float image with values in \[0, {DEEP.max() * 3.5}\]"),
+        ("negative.tif", np.full((6, 8), -0.25, np.float32), r"values in \[-0.25, -0.25\]"),
+        ("nan.tif", np.full((6, 8), np.nan, np.float32), "not finite"),
+        ("int32.tif", DEEP.astype(np.int32) * 40000, "32-bit integer"),
+    ],
+)
+def test_images_without_a_known_range_are_refused(tmp_path, name, pixels, message):
+    ds, path = image_dataset(tmp_path, name, lambda p: Image.fromarray(pixels).save(p))
+    with pytest.raises(ImageReadError, match=message) as info:
+        ds.load_image(0)
+    assert str(info.value).startswith(f"{path}: ")
+
+
+@pytest.mark.parametrize("name", ["../escape", "a/b", "a\\b", "", "two words", "nul\0", "..", "x:y", "q?"])
+def test_task1_refuses_class_names_that_are_not_safe_file_names(tmp_path, name):
+    out = tmp_path / "out" / "deeper"
+    with pytest.raises(ValueError, match="class name"):
+        write_dota_task1(out, ["P1"], [[np.zeros((0, 6))]], [name])
+    assert not (tmp_path / "out").exists()  # refused before anything is written
+    with pytest.raises(ValueError, match="class name"):
+        read_dota_task1(out, [name])
+    # the names of DOTA, DIOR-R and FAIR1M-style sets are fine
+    write_dota_task1(out, ["P1"], [[np.zeros((0, 6))] * 3], ["container-crane", "Expressway-toll-station", "Boeing737_v1.2"])

@@ -209,6 +209,37 @@ class TestConstructedCases:
         assert nms_rotated(boxes, scores, 1.0).tolist() == [0, 1, 2, 3]
         assert nms_rotated(boxes, scores, 7.5).tolist() == [0, 1, 2, 3]
 
+    @pytest.mark.parametrize("threshold", [1.0, 1.5, 1e30])
+    def test_threshold_of_one_or_more_keeps_every_box_without_the_kernel(
+            self, device, threshold, monkeypatch):
+        # Suppression needs IoU > threshold and an IoU is at most 1: every box is kept, by
+        # decreasing score (ties by index), and the kernel is never started.
+        g = torch.Generator().manual_seed(11)
+        boxes = clustered_rotated_boxes(4, 10, tile=100, generator=g).to(device)
+        boxes[3] = boxes[0]  # exact duplicates, too
+        scores = (torch.randint(0, 6, (40,), generator=g) / 6.0).to(device)  # many ties
+        labels = torch.randint(0, 3, (40,), generator=g).to(device)
+
+        def no_kernel(*args):
+            raise AssertionError("the NMS kernel was started")
+
+        monkeypatch.setattr(nms_module, "_nms_rotated_op", no_kernel)
+        want = sorted(range(40), key=lambda i: (-float(scores[i]), i))
+        for keep in (nms_rotated(boxes, scores, threshold),
+                     nms_rotated(boxes.double(), scores.half(), threshold, labels),
+                     batched_nms_rotated(boxes, scores, labels, threshold)):
+            assert keep.tolist() == want
+            assert keep.dtype == torch.int64 and keep.device == boxes.device
+        dets, cls = multiclass_nms_rotated(boxes, torch.stack([scores, 1 - scores], 1), -1.0,
+                                           threshold)
+        assert len(dets) == 80 and sorted(cls.tolist()) == [0] * 40 + [1] * 40
+        empty = nms_rotated(boxes[:0], scores[:0], threshold)
+        assert empty.shape == (0,) and empty.dtype == torch.int64
+        with pytest.raises(ValueError, match="NaN"):  # checks still apply
+            nms_rotated(boxes, torch.where(scores > 0.5, float("nan"), scores), threshold)
+        with pytest.raises(ValueError, match="NaN"):
+            nms_rotated(torch.where(boxes > 50, float("nan"), boxes), scores, threshold)
+
     def test_labels(self, device):
         boxes, _ = box_set("clustered", torch.float32)
         boxes = boxes.to(device)
@@ -421,6 +452,12 @@ def test_torch_compile():
         return b[nms_rotated(b, s, 0.3)]
 
     torch.testing.assert_close(best_boxes(boxes, scores), boxes[nms_rotated(boxes, scores, 0.3)])
+
+    @torch.compile(fullgraph=True, backend="eager")
+    def every_box(b, s):
+        return nms_rotated(b, s, 1.0)
+
+    assert every_box(boxes, scores).tolist() == torch.sort(scores, descending=True, stable=True).indices.tolist()
 
 
 needs_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

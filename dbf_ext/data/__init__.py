@@ -10,7 +10,7 @@
 Pure Python (numpy, torch, Pillow); nothing here needs the compiled extension.
 """
 
-from .dataset import DotaDetectionDataset, collate_fn
+from .dataset import DotaDetectionDataset, ImageReadError, collate_fn
 from .dota import (
     DOTA_V1_CLASSES,
     DOTA_V15_CLASSES,
@@ -49,6 +49,7 @@ __all__ = [
     "DotaFormatWarning",
     "DotaIssue",
     "DotaLabels",
+    "ImageReadError",
     "SyntheticConfig",
     "Task1Detections",
     "boxes_to_polygons",

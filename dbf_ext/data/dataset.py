@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+import contextlib
+import struct
+import zlib
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +18,11 @@ from torch.utils.data import Dataset
 from dbf_ext.data.dota import DotaFolder, box_dim, polygons_to_hbb, polygons_to_obb
 
 Target = dict[str, Any]
+
+
+class ImageReadError(ValueError):
+    """An image that cannot be read: corrupt, truncated, or with pixels of no known range.
+    The message starts with the file's path."""
 
 
 class DotaDetectionDataset(Dataset):
@@ -98,14 +106,22 @@ class DotaDetectionDataset(Dataset):
 
     def image_size(self, idx: int) -> tuple[int, int]:
         """``(width, height)`` of image ``idx``, read from the file header (no decoding)."""
-        with Image.open(self.image_path(idx)) as image:
+        path = self.image_path(idx)
+        with _reading(path), Image.open(path) as image:
             return image.size
 
     def load_image(self, idx: int) -> Tensor:
-        """float32 ``(3, H, W)`` RGB in ``[0, 1]``."""
-        with Image.open(self.image_path(idx)) as image:
-            pixels = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
-        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+        """float32 ``(3, H, W)`` RGB in ``[0, 1]``.
+
+        8-bit images are divided by 255, 16-bit grey ones by 65535 (16-bit colour PNGs are
+        read by Pillow at 8 bits per channel); grey images are repeated into three channels.
+        Float images are taken as they are when their values lie in ``[0, 1]``. Float images
+        outside ``[0, 1]`` and 32-bit integer images have no known range and raise
+        :class:`ImageReadError`, as do corrupt and truncated files.
+        """
+        path = self.image_path(idx)
+        with _reading(path), Image.open(path) as image:
+            return _to_rgb_tensor(image, path)
 
     def load_target(self, idx: int) -> Target:
         """The target of sample ``idx`` without reading the image (no transforms applied)."""
@@ -131,6 +147,43 @@ class DotaDetectionDataset(Dataset):
             }
             for boxes, labels, difficult in zip(self._boxes, self._class_indices, self._difficult)
         ]
+
+
+@contextlib.contextmanager
+def _reading(path: Path) -> Iterator[None]:
+    """Turns Pillow's errors on a bad file (which rarely name it) into :class:`ImageReadError`."""
+    try:
+        yield
+    except ImageReadError:
+        raise
+    # Pillow reports a corrupt file by OSError (truncated, unidentified), SyntaxError (broken
+    # PNG chunks), ValueError, EOFError, struct.error or zlib.error, depending on the codec.
+    except (OSError, SyntaxError, ValueError, EOFError, struct.error, zlib.error) as err:
+        raise ImageReadError(f"{path}: cannot read the image: {err}") from err
+
+
+def _to_rgb_tensor(image: Image.Image, path: Path) -> Tensor:
+    if image.mode.startswith("I;16"):
+        grey = torch.from_numpy(np.asarray(image, dtype=np.float32)).div_(65535)
+    elif image.mode == "F":
+        grey = torch.from_numpy(np.array(image, dtype=np.float32))
+        if not torch.isfinite(grey).all():
+            raise ImageReadError(f"{path}: float image with values that are not finite")
+        low, high = grey.min().item(), grey.max().item()
+        if low < 0 or high > 1:
+            raise ImageReadError(
+                f"{path}: float image with values in [{low:.7g}, {high:.7g}]; float images must "
+                "hold values in [0, 1] (rescale it, or store it as an 8- or 16-bit image)"
+            )
+    elif image.mode.startswith("I"):
+        raise ImageReadError(
+            f"{path}: 32-bit integer image (mode {image.mode}) has no known range; "
+            "store it as an 8- or 16-bit image"
+        )
+    else:
+        pixels = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
+    return grey.expand(3, *grey.shape).contiguous()
 
 
 def collate_fn(batch: Sequence[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[Target]]:

@@ -7,7 +7,8 @@ A DOTA folder holds ``images/<image_id>.<ext>`` (png, jpg, jpeg, tif, tiff or bm
     x1 y1 x2 y2 x3 y3 x4 y4 class difficult
 
 (the four corners of the object in pixels, its class name, ``1`` for a difficult object). A line
-with nine fields (no ``difficult``) is read as ``difficult = 0``, as the DOTA devkit does.
+with nine fields (no ``difficult``) is read as ``difficult = 0``, as the DOTA devkit does. A
+polygon whose corners span no area (coincident or collinear) is a problem: it has no box.
 
 Malformed input is never dropped silently. With ``errors="raise"`` (default) the first problem
 raises :class:`DotaFormatError` with the file and line number; with ``errors="warn"`` every
@@ -25,6 +26,7 @@ lines, the format of the DOTA evaluation server.
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import warnings
@@ -52,6 +54,9 @@ _ERROR_MODES = ("raise", "warn")
 _OBJECT_FIELDS = "x1 y1 x2 y2 x3 y3 x4 y4 class difficult"
 # "key:value" header lines start with a name; object lines start with a coordinate.
 _HEADER_LINE = re.compile(r"^\s*([A-Za-z][\w-]*)\s*:(.*)$")
+# Class names that are safe in a Task1 file name on every system: no separators, no characters
+# Windows refuses, no whitespace (DOTA lines split on it), no leading dot.
+_SAFE_CLASS_NAME = re.compile(r"\w[\w.+-]*")
 
 
 class DotaFormatError(ValueError):
@@ -227,6 +232,10 @@ def _parse_label_file(path: Path, classes: Collection[str] | None, sink: _IssueS
         if flag not in ("0", "1"):
             sink.report(path, number, f"difficult must be 0 or 1, got {flag!r}")
             continue
+        if _spans_no_area(coords):
+            sink.report(path, number, f"degenerate polygon (coincident or collinear corners, no area): "
+                                      f"{' '.join(fields[:8])!r}")
+            continue
         polygons.append(coords)
         names.append(name)
         difficult.append(flag == "1")
@@ -236,6 +245,28 @@ def _parse_label_file(path: Path, classes: Collection[str] | None, sink: _IssueS
         np.array(difficult, dtype=bool),
         header,
     )
+
+
+# Rounding error of a cross product of coordinate differences, in units of
+# extent * (extent + largest |coordinate|): 4 operations, each within one epsilon, doubled.
+_FLAT_TOLERANCE = 8 * np.finfo(np.float64).eps
+
+
+def _spans_no_area(coords: Sequence[float]) -> bool:
+    """True when four corners span no area (coincident or collinear, up to rounding).
+
+    The convex hull of the corners, not the polygon in file order: DOTA tools accept any
+    corner order, and a "bow tie" order has zero signed area although it spans a rectangle.
+    The hull has zero area exactly when every triangle of three corners has.
+    """
+    points = np.asarray(coords, dtype=np.float64).reshape(4, 2)
+    extent = float(np.ptp(points, axis=0).max())
+    magnitude = float(np.abs(points).max())
+    largest = 0.0
+    for a, b, c in itertools.combinations(points, 3):
+        (ux, uy), (vx, vy) = b - a, c - a
+        largest = max(largest, abs(float(ux * vy - uy * vx)))
+    return largest <= _FLAT_TOLERANCE * extent * (extent + magnitude)
 
 
 class DotaFolder:
@@ -275,11 +306,21 @@ class DotaFolder:
                     f"{self.root}/{labels_dir}; labels_dir=None reads images only)"
                 )
             known = None if classes is None else frozenset(classes)
-            for label_path in sorted(label_root.glob("*.txt")):
-                if label_path.stem not in self._image_paths:
+            label_paths: dict[str, Path] = {}
+            for label_path in sorted(label_root.iterdir()):
+                # ".TXT" too: some tools (and Windows copies) write upper-case extensions.
+                if label_path.suffix.lower() != ".txt" or not label_path.is_file():
+                    continue
+                image_id = label_path.stem
+                if image_id not in self._image_paths:
                     sink.report(label_path, None, f"label file has no image in {self.root / images_dir}")
                     continue
-                self._labels[label_path.stem] = _parse_label_file(label_path, known, sink)
+                if image_id in label_paths:
+                    sink.report(label_path, None, f"two label files for image {image_id!r}: "
+                                                  f"{label_paths[image_id].name} and {label_path.name}")
+                    continue
+                label_paths[image_id] = label_path
+                self._labels[image_id] = _parse_label_file(label_path, known, sink)
         if classes is None:
             classes = sorted({name for labels in self._labels.values() for name in labels.class_names})
         elif len(set(classes)) != len(classes):
@@ -362,16 +403,17 @@ def write_dota_task1(
         det_results: ``det_results[image][class]`` arrays ``(k, 6)`` = rotated box + score
             (``"obb"``) or ``(k, 5)`` = ``x1, y1, x2, y2, score`` (``"hbb"``, written as
             four corners) — the format of :func:`dbf_ext.evaluation.eval_map`. Tensors work.
-        classes: class names, one per class index.
+        classes: class names, one per class index; each must be a safe file name (letters,
+            digits, ``_``, and after the first character ``.``, ``+``, ``-``), or
+            ``ValueError`` is raised before anything is written.
 
     Returns:
         The files written, one per class (empty files for classes without detections).
     """
     if len(image_ids) != len(det_results):
         raise ValueError(f"got {len(image_ids)} image ids for {len(det_results)} detection results")
+    paths = [_task1_path(out_dir, name) for name in classes]
     dim = box_dim(box_type) + 1
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     lines: list[list[str]] = [[] for _ in classes]
     for image_id, per_class in zip(image_ids, det_results):
         if not image_id or len(image_id.split()) != 1:
@@ -384,12 +426,20 @@ def write_dota_task1(
             polygons = boxes_to_polygons(dets[:, :-1], box_type)
             for score, polygon in zip(dets[:, -1], polygons):
                 class_lines.append(" ".join([image_id, _format_number(score), *map(_format_number, polygon)]))
-    paths = []
-    for name, class_lines in zip(classes, lines):
-        path = out_dir / f"Task1_{name}.txt"
+    Path(out_dir).mkdir(parents=True, exist_ok=True)
+    for path, class_lines in zip(paths, lines):
         path.write_text("".join(line + "\n" for line in class_lines), encoding="utf-8")
-        paths.append(path)
     return paths
+
+
+def _task1_path(out_dir: str | Path, class_name: str) -> Path:
+    """``out_dir/Task1_<class_name>.txt``; a class name that is not a safe file name is refused."""
+    if not _SAFE_CLASS_NAME.fullmatch(class_name):
+        raise ValueError(
+            f"class name {class_name!r} is not a safe file name for a Task1 file (letters, digits, "
+            "'_', and after the first character '.', '+', '-')"
+        )
+    return Path(out_dir) / f"Task1_{class_name}.txt"
 
 
 @dataclass(frozen=True)
@@ -409,7 +459,7 @@ def read_dota_task1(out_dir: str | Path, classes: Iterable[str]) -> dict[str, Ta
     """
     results = {}
     for name in classes:
-        path = Path(out_dir) / f"Task1_{name}.txt"
+        path = _task1_path(out_dir, name)
         rows: list[tuple[str, list[float]]] = []
         if path.exists():
             for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):

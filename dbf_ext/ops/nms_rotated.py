@@ -38,7 +38,8 @@ def nms_rotated(
             float16, bfloat16 and float32 are computed in float32, float64 in float64.
         scores: ``(N,)`` floating scores, any floating dtype.
         iou_threshold: finite, ``>= 0``. ``0`` suppresses every overlapping box; ``>= 1``
-            suppresses nothing (an IoU never exceeds 1).
+            suppresses nothing (an IoU never exceeds 1): the boxes are returned by decreasing
+            score at once, without running the kernel.
         labels: optional ``(N,)`` integer class of each box: boxes of different labels never
             suppress each other (exact per-class NMS, not the coordinate-offset trick).
 
@@ -54,7 +55,19 @@ def nms_rotated(
     """
     _check_nms_inputs(boxes, scores, labels)
     threshold = _check_iou_threshold("iou_threshold", iou_threshold)
+    # Under torch.compile the operator runs instead (it keeps every box too): the host branch
+    # on the NaN check would break the graph.
+    if threshold >= 1 and not torch.compiler.is_compiling():
+        return _keep_all(boxes, scores)
     return _nms_rotated_op(boxes, scores, threshold, labels)
+
+
+def _keep_all(boxes: Tensor, scores: Tensor) -> Tensor:
+    """NMS when nothing can be suppressed (suppression needs IoU > threshold >= 1, and an IoU
+    never exceeds 1): every box, by decreasing score, ties by index, without the kernel."""
+    if _has_nan(boxes, scores):
+        raise ValueError(_NAN_MESSAGE.format("nms_rotated"))
+    return torch.sort(scores, descending=True, stable=True).indices
 
 
 def batched_nms_rotated(

@@ -3,13 +3,18 @@
 from dbf_ext.train.augment import KeyedFlipDataset, flip_boxes
 from dbf_ext.train.loop import (
     SCHEDULES,
+    CheckpointError,
     EpochRecord,
     TrainConfig,
     TrainResult,
     evaluate,
+    load_checkpoint,
+    load_model_weights,
+    output_console,
     parse_cache_spec,
     parse_size,
     plot_history,
+    resolve_device,
     summary_rows,
     train,
 )
@@ -18,6 +23,7 @@ from dbf_ext.train.model import MODELS, build_detector
 __all__ = [
     "MODELS",
     "SCHEDULES",
+    "CheckpointError",
     "EpochRecord",
     "KeyedFlipDataset",
     "TrainConfig",
@@ -25,9 +31,13 @@ __all__ = [
     "build_detector",
     "evaluate",
     "flip_boxes",
+    "load_checkpoint",
+    "load_model_weights",
+    "output_console",
     "parse_cache_spec",
     "parse_size",
     "plot_history",
+    "resolve_device",
     "summary_rows",
     "train",
 ]

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import os
+import pickle
 import re
 import time
 from collections.abc import Callable
@@ -98,6 +99,8 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate after the last epoch only
     seed: int = 0
     resume: bool = False
+    overwrite: bool = False  # a new run may replace the run in output_dir
+    label_errors: str = "raise"  # malformed label lines: "raise" or "warn" (warned and dropped)
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -109,6 +112,14 @@ class TrainConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if not Path(self.data).is_dir():
             raise FileNotFoundError(f"data folder {self.data} does not exist")
+        if Path(self.output_dir).exists() and not Path(self.output_dir).is_dir():
+            raise NotADirectoryError(f"output folder {self.output_dir} is a file")
+        if self.resume and self.overwrite:
+            raise ValueError("resume and overwrite exclude each other: --resume continues the run "
+                             "in the output folder, --overwrite replaces it")
+        if self.label_errors not in ("raise", "warn"):
+            raise ValueError(f"label_errors must be 'raise' or 'warn', got {self.label_errors!r}")
+        resolve_device(self.device)
         parse_cache_spec(self.cache)
 
     def freeze_schedule(self) -> FreezeSchedule:
@@ -145,17 +156,85 @@ class TrainResult:
     cache_summary: dict[str, Any] | None
 
 
-def _device(config: TrainConfig) -> torch.device:
-    if config.device == "auto":
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, not a training checkpoint, or of another
+    model or class list. The message names the file."""
+
+
+# What train() writes into a checkpoint; a file without these is not one of its checkpoints.
+_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "dbf", "dynamic_rcnn",
+                    "cache", "history", "config", "classes")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``"auto"`` (CUDA when usable, else the CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``;
+    anything else, or a CUDA device that is not there, is a ``ValueError``."""
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(config.device)
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        device = None
+    if device is None or device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu, cuda or cuda:N, got {name!r}")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"--device {name}: no usable CUDA device (torch reports none); "
+                             "use --device cpu")
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"--device {name}: no such CUDA device (devices 0-{count - 1})")
+    return device
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint written by :func:`train`, loaded with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` (one line, naming the file) when the file cannot be read
+    or is not such a checkpoint, ``FileNotFoundError`` when it does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    # torch.load reports damage by RuntimeError (zip), UnpicklingError (not plain data),
+    # EOFError (empty) or ValueError, with messages of many lines.
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read (corrupt, truncated or not a "
+                              f"dbf-ext checkpoint): {first_line}") from None
+    missing = [key for key in _CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a dbf-ext training checkpoint of this version "
+                              f"(missing: {', '.join(missing)})")
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """Loads a checkpoint's weights; weights of another architecture are a :class:`CheckpointError`."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"the weights in {path} do not fit model {state['config']['model']} "
+                              f"with {len(state['classes'])} classes: {first_line}") from None
+
+
+def _check_resumable(state: dict[str, Any], path: Path, config: TrainConfig, classes: tuple[str, ...]) -> None:
+    trained = state["config"]["model"], tuple(state["classes"])
+    if trained != (config.model, classes):
+        raise CheckpointError(
+            f"{path} holds model {trained[0]} for classes {', '.join(trained[1])}; this run builds "
+            f"{config.model} for classes {', '.join(classes)} (same --model and data to resume)"
+        )
 
 
 def _load_dataset(config: TrainConfig, split: str, classes=None) -> DotaDetectionDataset:
     root = Path(config.data)
     if not (root / split).is_dir():
         raise FileNotFoundError(f"{root} has no '{split}' split (expected {root / split}/images and labelTxt)")
-    dataset = DotaDetectionDataset(root, split, classes=classes, box_type="hbb")
+    dataset = DotaDetectionDataset(root, split, classes=classes, box_type="hbb", errors=config.label_errors)
     if len(dataset) == 0:
         raise ValueError(f"no images in {root / split / 'images'}")
     return dataset
@@ -184,8 +263,55 @@ def evaluate(model: torch.nn.Module, dataset: DotaDetectionDataset, device: torc
 
 def _save_checkpoint(path: Path, state: dict[str, Any]) -> None:
     partial = path.with_suffix(".partial")
-    torch.save(state, partial)
+    with partial.open("wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
     os.replace(partial, path)  # a crash never leaves a half-written checkpoint behind
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable (POSIX; elsewhere folders cannot be opened)."""
+    if os.name == "posix":
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _log_line(record: EpochRecord) -> str:
+    return json.dumps(dataclasses.asdict(record)) + "\n"
+
+
+def _append_log(path: Path, record: EpochRecord) -> None:
+    with path.open("a") as log:
+        log.write(_log_line(record))
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def _rewrite_log(path: Path, history: list[EpochRecord]) -> None:
+    """The log of the epochs a checkpoint holds: lines a crash left past the checkpoint (or
+    cut in half) go, a line the crash kept from being written comes back."""
+    partial = path.with_suffix(".partial")
+    with partial.open("w") as log:
+        log.writelines(_log_line(record) for record in history)
+        log.flush()
+        os.fsync(log.fileno())
+    os.replace(partial, path)
+    _sync_folder(path.parent)
+
+
+def _check_run_folder(config: TrainConfig, out: Path) -> None:
+    checkpoint, log = out / "checkpoint.pt", out / "log.jsonl"
+    if config.resume and not checkpoint.exists():
+        raise FileNotFoundError(f"nothing to resume: no checkpoint {checkpoint} (run without --resume "
+                                "to start a new run)")
+    if not config.resume and not config.overwrite and (checkpoint.exists() or log.exists()):
+        raise FileExistsError(f"{out} holds a run (checkpoint.pt, log.jsonl): --resume continues it, "
+                              "--overwrite replaces it, or choose another --output")
 
 
 def train(config: TrainConfig, console: Console | None = None,
@@ -200,14 +326,19 @@ def train(config: TrainConfig, console: Console | None = None,
     detector exists.
     """
     config.validate()
-    console = console or Console()
-    device = _device(config)
+    console = console or output_console()
+    device = resolve_device(config.device)
     out = Path(config.output_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    _check_run_folder(config, out)
+    checkpoint_path = out / "checkpoint.pt"
+    state = load_checkpoint(checkpoint_path, map_location=device) if config.resume else None
     torch.manual_seed(config.seed)
 
     train_set = _load_dataset(config, "train")
     val_set = _load_dataset(config, "val", classes=train_set.classes)
+    if state is not None:
+        _check_resumable(state, checkpoint_path, config, train_set.classes)
+    out.mkdir(parents=True, exist_ok=True)
     keyed = KeyedFlipDataset(train_set, hflip=config.hflip, seed=config.seed)
     model = build_detector(config.model, train_set.num_classes, config.image_size)
     dbf = apply_dbf(model, config.freeze_schedule())
@@ -240,10 +371,9 @@ def train(config: TrainConfig, console: Console | None = None,
 
     history: list[EpochRecord] = []
     start_epoch = 0
-    checkpoint_path = out / "checkpoint.pt"
-    if config.resume and checkpoint_path.exists():
-        state = torch.load(checkpoint_path, map_location=device, weights_only=True)
-        model.load_state_dict(state["model"])
+    log_path = out / "log.jsonl"
+    if state is not None:
+        load_model_weights(model, state, checkpoint_path)
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
@@ -255,11 +385,11 @@ def train(config: TrainConfig, console: Console | None = None,
         history = [EpochRecord(**record) for record in state["history"]]
         start_epoch = state["epoch"] + 1
         console.print(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
+    else:
+        checkpoint_path.unlink(missing_ok=True)  # --overwrite: no old checkpoint beside a new log
+    _rewrite_log(log_path, history)
 
     dataset = CacheAwareDataset(keyed) if cached is not None else keyed
-    log_path = out / "log.jsonl"
-    if start_epoch == 0:
-        log_path.write_text("")  # a new run starts a new log; a resumed one appends
     last_evaluation = None
     for epoch in range(start_epoch, config.epochs):
         dbf.on_epoch_start(epoch)
@@ -282,7 +412,7 @@ def train(config: TrainConfig, console: Console | None = None,
         with _progress(console) as progress:
             task = progress.add_task(f"epoch {epoch}", total=steps_per_epoch,
                                      state="frozen" if frozen else "trains", info="")
-            for batch in loader:
+            for step, batch in enumerate(loader, start=1):
                 images, targets, keys = batch if cached is not None else (*batch, None)
                 images = [image.to(device, non_blocking=True) for image in images]
                 targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
@@ -295,8 +425,10 @@ def train(config: TrainConfig, console: Console | None = None,
                         losses = model(images, targets)
                     loss = sum(losses.values())
                 if not torch.isfinite(loss):
-                    raise FloatingPointError(f"loss became {loss.item()} in epoch {epoch}; "
-                                             "lower the learning rate (--lr)")
+                    parts = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items())
+                    raise FloatingPointError(
+                        f"loss became {loss.item()} in epoch {epoch}, step {step} of "
+                        f"{steps_per_epoch} ({parts}); lower the learning rate (--lr)")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
@@ -325,9 +457,8 @@ def train(config: TrainConfig, console: Console | None = None,
             last_evaluation = evaluate(model, val_set, device)
             record.map50 = last_evaluation[0]
         history.append(record)
-        with log_path.open("a") as log:
-            log.write(json.dumps(dataclasses.asdict(record)) + "\n")
-        console.print(_epoch_line(record))
+        # Checkpoint first, then the log line: after a crash the log never names an epoch the
+        # checkpoint lacks, and a resume rewrites the log from the checkpoint's history.
         _save_checkpoint(checkpoint_path, {
             "epoch": epoch,
             "model": model.state_dict(),
@@ -339,7 +470,10 @@ def train(config: TrainConfig, console: Console | None = None,
             "cache": cached.cache.state_dict() if cached is not None else None,
             "history": [dataclasses.asdict(r) for r in history],
             "config": dataclasses.asdict(config),
+            "classes": list(train_set.classes),
         })
+        _append_log(log_path, record)
+        console.print(_epoch_line(record))
         if on_epoch_end is not None:
             on_epoch_end(record)
 
@@ -357,6 +491,20 @@ def _collate(batch):
 def _hit_rate(cache: FeatureCache, hits_before: int, lookups_before: int) -> float:
     lookups = cache.stats.hits + cache.stats.misses - lookups_before
     return (cache.stats.hits - hits_before) / lookups if lookups else 0.0
+
+
+# Width of a console that is not a terminal: wide enough that rich never wraps a line.
+_UNWRAPPED_WIDTH = 10_000
+
+
+def output_console() -> Console:
+    """A rich console on stdout. On a terminal it fits the window; otherwise (a file, a pipe,
+    a log) rich would wrap at 80 columns and put a figure on the line after its name, so lines
+    are never wrapped there."""
+    console = Console()
+    if console.is_terminal:
+        return console
+    return Console(width=_UNWRAPPED_WIDTH, soft_wrap=True)
 
 
 def _progress(console: Console) -> Progress:
