@@ -52,7 +52,7 @@ def make_batch(box_type: str, num_gts: int, device: str):
         anchors = hbb2obb(anchors)
     labels = [torch.randint(1, 16, (num_gts,), generator=torch.Generator().manual_seed(i))
               for i in range(BATCH)]
-    return anchors.to(device), [g.to(device) for g in gts], [l.to(device) for l in labels]
+    return anchors.to(device), [g.to(device) for g in gts], [label.to(device) for label in labels]
 
 
 def run_dbf_ext(box_type, anchors, gts, labels):
@@ -60,8 +60,8 @@ def run_dbf_ext(box_type, anchors, gts, labels):
 
 
 def run_dense(box_type, anchors, gts, labels):
-    return [max_iou_assign_reference(anchors, g, l, box_type=box_type, **OPTIONS)
-            for g, l in zip(gts, labels)]
+    return [max_iou_assign_reference(anchors, g, label, box_type=box_type, **OPTIONS)
+            for g, label in zip(gts, labels)]
 
 
 def run_torchvision_matcher(box_type, anchors, gts, labels):

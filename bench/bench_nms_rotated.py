@@ -1,4 +1,4 @@
-"""Rotated NMS: dbf_ext against its peers on the same boxes (DESIGN.md section 4).
+"""Rotated NMS: dbf_ext against its peers on the same boxes.
 
 Groups ``<device>-<layout>-<N>`` hold, for one box set at IoU threshold 0.1:
 * ``dbf_ext``: :func:`dbf_ext.ops.nms_rotated`;

@@ -65,10 +65,10 @@ void bind_box_iou_rotated(py::module_& m) {
       .def(py::init(&box_view), py::arg("data"), py::arg("count"), py::arg("row_stride"),
            py::arg("col_stride"));
 
-  auto make_args = [](const BoxArrayView& b1, const BoxArrayView& b2, int dtype,
-                      std::uintptr_t out, bool aligned, bool iof, bool clockwise) {
-    return dbf_ext::BoxIouRotatedArgs{b1,      b2,  dbf_ext::dtype_from_code(dtype), out,
-                                      aligned, iof, clockwise};
+  auto make_args = [](const BoxArrayView& b1, const BoxArrayView& b2, int dtype, std::uintptr_t out,
+                      bool aligned, bool iof, bool clockwise) {
+    return dbf_ext::BoxIouRotatedArgs{b1,  b2,       dbf_ext::dtype_from_code(dtype), out, aligned,
+                                      iof, clockwise};
   };
   m.def(
       "box_iou_rotated_cpu",
@@ -78,8 +78,8 @@ void bind_box_iou_rotated(py::module_& m) {
         py::gil_scoped_release release;
         dbf_ext::box_iou_rotated_cpu(args, num_threads);
       },
-      py::arg("boxes1"), py::arg("boxes2"), py::arg("dtype"), py::arg("out"),
-      py::arg("aligned"), py::arg("iof"), py::arg("clockwise"), py::arg("num_threads"));
+      py::arg("boxes1"), py::arg("boxes2"), py::arg("dtype"), py::arg("out"), py::arg("aligned"),
+      py::arg("iof"), py::arg("clockwise"), py::arg("num_threads"));
 #if defined(DBF_EXT_WITH_CUDA)
   m.def(
       "box_iou_rotated_cuda",
@@ -89,23 +89,21 @@ void bind_box_iou_rotated(py::module_& m) {
         py::gil_scoped_release release;
         dbf_ext::box_iou_rotated_cuda(args, device, stream);
       },
-      py::arg("boxes1"), py::arg("boxes2"), py::arg("dtype"), py::arg("out"),
-      py::arg("aligned"), py::arg("iof"), py::arg("clockwise"), py::arg("device"),
-      py::arg("stream"));
+      py::arg("boxes1"), py::arg("boxes2"), py::arg("dtype"), py::arg("out"), py::arg("aligned"),
+      py::arg("iof"), py::arg("clockwise"), py::arg("device"), py::arg("stream"));
 #endif
 }
 
 void bind_nms_rotated(py::module_& m) {
   auto make_args = [](const BoxArrayView& boxes, int dtype, std::uintptr_t order,
                       std::uintptr_t labels, double iou_threshold, std::uintptr_t keep) {
-    return dbf_ext::NmsRotatedArgs{boxes,  dbf_ext::dtype_from_code(dtype), order,
-                                   labels, iou_threshold,                   keep};
+    return dbf_ext::NmsRotatedArgs{
+        boxes, dbf_ext::dtype_from_code(dtype), order, labels, iou_threshold, keep};
   };
   m.def(
       "nms_rotated_cpu",
-      [make_args](const BoxArrayView& boxes, int dtype, std::uintptr_t order,
-                  std::uintptr_t labels, double iou_threshold, std::uintptr_t keep,
-                  int num_threads) {
+      [make_args](const BoxArrayView& boxes, int dtype, std::uintptr_t order, std::uintptr_t labels,
+                  double iou_threshold, std::uintptr_t keep, int num_threads) {
         const auto args = make_args(boxes, dtype, order, labels, iou_threshold, keep);
         py::gil_scoped_release release;
         return dbf_ext::nms_rotated_cpu(args, num_threads);
@@ -115,10 +113,10 @@ void bind_nms_rotated(py::module_& m) {
 #if defined(DBF_EXT_WITH_CUDA)
   m.def(
       "nms_rotated_cuda",
-      [make_args](const BoxArrayView& boxes, int dtype, std::uintptr_t order,
-                  std::uintptr_t labels, double iou_threshold, std::uintptr_t keep,
-                  std::uintptr_t mask, std::int64_t mask_words, std::uintptr_t removed,
-                  std::uintptr_t keep_count, int device, std::uintptr_t stream) {
+      [make_args](const BoxArrayView& boxes, int dtype, std::uintptr_t order, std::uintptr_t labels,
+                  double iou_threshold, std::uintptr_t keep, std::uintptr_t mask,
+                  std::int64_t mask_words, std::uintptr_t removed, std::uintptr_t keep_count,
+                  int device, std::uintptr_t stream) {
         const auto args = make_args(boxes, dtype, order, labels, iou_threshold, keep);
         const dbf_ext::NmsRotatedCudaScratch scratch{mask, mask_words, removed, keep_count};
         py::gil_scoped_release release;
@@ -132,9 +130,9 @@ void bind_nms_rotated(py::module_& m) {
 
 // Levels arrive as tuples (data, C, H, W, stride_n, stride_c, stride_h, stride_w, slab_offset,
 // scale_offset), built by dbf_ext/cache/layout.py.
-using LevelTuple = std::tuple<std::uintptr_t, std::int64_t, std::int64_t, std::int64_t,
-                              std::int64_t, std::int64_t, std::int64_t, std::int64_t,
-                              std::int64_t, std::int64_t>;
+using LevelTuple =
+    std::tuple<std::uintptr_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t, std::int64_t,
+               std::int64_t, std::int64_t, std::int64_t, std::int64_t>;
 
 dbf_ext::FeatureCacheArgs feature_cache_args(const std::vector<LevelTuple>& levels, int map_dtype,
                                              int storage_dtype, std::int64_t batch,
@@ -158,7 +156,8 @@ void bind_feature_cache_cpu(py::module_& m, const char* name) {
       name,
       [](const std::vector<LevelTuple>& levels, int map_dtype, int storage_dtype,
          std::int64_t batch, std::uintptr_t slab_addresses, int num_threads) {
-        const auto args = feature_cache_args(levels, map_dtype, storage_dtype, batch, slab_addresses);
+        const auto args =
+            feature_cache_args(levels, map_dtype, storage_dtype, batch, slab_addresses);
         py::gil_scoped_release release;
         Kernel(args, num_threads);
       },
@@ -173,7 +172,8 @@ void bind_feature_cache_cuda(py::module_& m, const char* name) {
       name,
       [](const std::vector<LevelTuple>& levels, int map_dtype, int storage_dtype,
          std::int64_t batch, std::uintptr_t slab_addresses, int device, std::uintptr_t stream) {
-        const auto args = feature_cache_args(levels, map_dtype, storage_dtype, batch, slab_addresses);
+        const auto args =
+            feature_cache_args(levels, map_dtype, storage_dtype, batch, slab_addresses);
         py::gil_scoped_release release;
         Kernel(args, device, stream);
       },

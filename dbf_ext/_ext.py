@@ -13,7 +13,8 @@ from typing import Any
 
 import torch
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def extension():
     """Returns the compiled module, with an actionable message when it is missing."""
     try:
@@ -63,7 +64,7 @@ def driver_problem(status: dict[str, Any]) -> str | None:
     )
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_status() -> dict[str, Any]:
     return dict(extension().cuda_status())
 

@@ -16,7 +16,6 @@ from dbf_ext.assign._reference import max_iou_assign_reference
 from dbf_ext.boxes import hbb2obb
 from dbf_ext.testing import fpn_anchors, no_host_sync, peak_resident_mib, random_rotated_boxes
 
-
 # ---------------------------------------------------------------------------------------------
 # Cases: boxes crowded around the gts, with deliberate ties
 # ---------------------------------------------------------------------------------------------

@@ -7,11 +7,11 @@ import math
 import numpy as np
 import pytest
 import torch
+from shapely_reference import iou_matrix
 
 from dbf_ext.ops import box_iou_rotated
 from dbf_ext.ops._reference import box_iou_rotated_reference
 from dbf_ext.testing import clustered_rotated_boxes, random_rotated_boxes
-from shapely_reference import iou_matrix
 
 # Tolerance of the result against the float64 reference evaluated on the same (rounded) input
 # boxes: float32 arithmetic for float32/16 inputs, then rounding of the output to its dtype.

@@ -343,7 +343,7 @@ def test_degenerate_polygon_is_refused_or_dropped_with_file_and_line(tmp_path, p
     with pytest.raises(DotaFormatError, match="degenerate polygon") as info:
         read_dota_labels(path)
     assert str(info.value).startswith(f"{path}:3:")
-    with pytest.warns(DotaFormatWarning, match=rf"P0009.txt:3: degenerate polygon"):
+    with pytest.warns(DotaFormatWarning, match=r"P0009.txt:3: degenerate polygon"):
         labels, issues = read_dota_labels(path, errors="warn")
     assert labels.class_names == ("small-vehicle", "small-vehicle") and [i.line for i in issues] == [3]
 
@@ -468,4 +468,5 @@ def test_task1_refuses_class_names_that_are_not_safe_file_names(tmp_path, name):
     with pytest.raises(ValueError, match="class name"):
         read_dota_task1(out, [name])
     # the names of DOTA, DIOR-R and FAIR1M-style sets are fine
-    write_dota_task1(out, ["P1"], [[np.zeros((0, 6))] * 3], ["container-crane", "Expressway-toll-station", "Boeing737_v1.2"])
+    write_dota_task1(out, ["P1"], [[np.zeros((0, 6))] * 3],
+                     ["container-crane", "Expressway-toll-station", "Boeing737_v1.2"])

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from shapely_reference import iou_matrix
 
 from dbf_ext.data import DotaDetectionDataset, write_dota_labels
 from dbf_ext.evaluation import average_precision, box_iou_hbb, detections_by_class, eval_map, evaluate_detections
-from shapely_reference import iou_matrix
 
 # ----- the reference: DOTA devkit structure (one global ranking, then matching in that order) ---
 
@@ -158,7 +158,8 @@ GT = np.array([[50.0, 50.0, 40.0, 20.0, 0.3], [150.0, 60.0, 30.0, 30.0, -0.7]])
 FAR = [300.0, 300.0, 10.0, 10.0, 0.0]
 
 
-def one_class(dets, gts=GT, ignore=np.zeros((0, 5))):
+def one_class(dets, gts=GT, ignore=None):
+    ignore = np.zeros((0, 5)) if ignore is None else ignore
     dets = np.asarray(dets, dtype=np.float64).reshape(-1, 6)
     ann = {"bboxes": gts, "labels": np.zeros(len(gts), dtype=int),
            "bboxes_ignore": ignore, "labels_ignore": np.zeros(len(ignore), dtype=int)}

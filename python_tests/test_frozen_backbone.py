@@ -379,7 +379,7 @@ def test_wrapper_reads_through_to_backbone_and_survives_copying():
     assert model.backbone.body.stage2 is body.stage2
     assert model.get_submodule("backbone.body.stem.0") is body.stem[0]
     with pytest.raises(AttributeError):
-        model.backbone.body.no_such_attribute
+        _ = model.backbone.body.no_such_attribute
     images = make_batch()[0]
     for clone in (copy.deepcopy(model), pickle.loads(pickle.dumps(model))):
         assert clone.backbone.body.frozen

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 import torchvision
+from shapely_reference import iou_matrix
 
 from dbf_ext.ops import (
     batched_nms_rotated,
@@ -20,7 +21,6 @@ from dbf_ext.ops import (
 )
 from dbf_ext.ops._reference import nms_rotated_reference
 from dbf_ext.testing import clustered_rotated_boxes, random_rotated_boxes
-from shapely_reference import iou_matrix
 
 # The module (the package attribute of the same name is the function).
 nms_module = importlib.import_module("dbf_ext.ops.nms_rotated")
@@ -54,7 +54,7 @@ def clear_thresholds(iou: np.ndarray, margin: float) -> list[float]:
     return clear
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def box_set(name: str, dtype: torch.dtype) -> tuple[torch.Tensor, np.ndarray]:
     """(boxes, float64 shapely IoU of the boxes as rounded to dtype); computed once per run."""
     g = torch.Generator().manual_seed(2024)
@@ -275,7 +275,7 @@ class TestConstructedCases:
         assert nms_rotated(boxes, scores, 0.0).tolist() == [1, 2, 3, 4, 0]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def detector_output(class_specific: bool):
     """Scores (N, C) and boxes of a small 3-class detector output, with shapely IoUs at hand."""
     g = torch.Generator().manual_seed(21)

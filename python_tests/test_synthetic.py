@@ -18,8 +18,8 @@ from dbf_ext.data import (
     generate_synthetic_dota,
     prepare_synthetic_dota,
     render_synthetic_tile,
+    synthetic,
 )
-from dbf_ext.data import synthetic
 
 SMALL = SyntheticConfig(tile_size=128, train_tiles=3, val_tiles=2, min_objects=3, max_objects=8, seed=5)
 

@@ -1,5 +1,5 @@
 // Fused, batched MaxIoU label assignment: mmdetection's MaxIoUAssigner.assign_wrt_overlaps
-// without the (num_gts, num_boxes) overlap matrix. Semantics: DESIGN.md section 3 and
+// without the (num_gts, num_boxes) overlap matrix. Semantics: docs/design.md and
 // dbf_ext/assign/max_iou.py.
 //
 // Images are packed: the boxes of image i are rows [box_offsets[i], box_offsets[i + 1]) of
@@ -23,9 +23,9 @@ struct MaxIouAssignArgs {
   BoxArrayView boxes{};
   BoxArrayView gts{};
   BoxArrayView ignore{};
-  std::uintptr_t box_offsets = 0;     // int64 (num_images + 1)
-  std::uintptr_t gt_offsets = 0;      // int64 (num_images + 1)
-  std::uintptr_t ignore_offsets = 0;  // int64 (num_images + 1); 0 = no box is ignored
+  std::uintptr_t box_offsets = 0;        // int64 (num_images + 1)
+  std::uintptr_t gt_offsets = 0;         // int64 (num_images + 1)
+  std::uintptr_t ignore_offsets = 0;     // int64 (num_images + 1); 0 = no box is ignored
   std::int64_t max_boxes_per_image = 0;  // sizes the CUDA grids
   std::int64_t max_gts_per_image = 0;
   std::uintptr_t gt_labels = 0;  // int64 (total gts); 0 = no labels are written

@@ -77,7 +77,8 @@ class BoxGrid {
     std::vector<std::int64_t> fill(cell_start_.begin(), cell_start_.end() - 1);
     for (const Item& e : items) {
       const Entry entry{e.bounds, e.index, column(e.bounds.x0), row(e.bounds.y0)};
-      for_each_cell(e.bounds, [&](std::int64_t cell_index) { entries_[fill[cell_index]++] = entry; });
+      for_each_cell(e.bounds,
+                    [&](std::int64_t cell_index) { entries_[fill[cell_index]++] = entry; });
     }
   }
 
@@ -94,11 +95,11 @@ class BoxGrid {
           const Entry& e = entries_[k];
           const Bounds<T>& b = e.bounds;
           // Non-short-circuit &: one hard-to-predict branch instead of four.
-          const bool intersect = (query.x0 <= b.x1) & (b.x0 <= query.x1) &
-                                 (query.y0 <= b.y1) & (b.y0 <= query.y1);
+          const bool intersect =
+              (query.x0 <= b.x1) & (b.x0 <= query.x1) & (query.y0 <= b.y1) & (b.y0 <= query.y1);
           // The lower corner's cell, column(max(x)) = max(column(x)) as column is monotonic.
-          const bool corner_here = (std::max(c0, e.first_column) == c) &
-                                   (std::max(r0, e.first_row) == r);
+          const bool corner_here =
+              (std::max(c0, e.first_column) == c) & (std::max(r0, e.first_row) == r);
           if (intersect & corner_here) fn(e.index);
         }
       }
@@ -178,9 +179,9 @@ struct IndexedBoxes {
 // maxima, reduced afterwards in chunk order: deterministic, and no atomics on floats.
 struct Chunk {
   std::int64_t image;
-  std::int64_t begin, end;        // box range, local to the image
-  std::int64_t partial_offset;    // of this chunk's per-gt maxima in the partial arrays
-  std::int64_t first_live;        // lowest non-ignored box of the chunk (end when none)
+  std::int64_t begin, end;      // box range, local to the image
+  std::int64_t partial_offset;  // of this chunk's per-gt maxima in the partial arrays
+  std::int64_t first_live;      // lowest non-ignored box of the chunk (end when none)
 };
 
 template <typename Kind>

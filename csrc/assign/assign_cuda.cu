@@ -172,9 +172,8 @@ __device__ T gt_max_value(const Problem<T>& p, const ImageSlice& s, long long gt
 }
 
 // Loops of the box-parallel kernels (uniform across a block, so __syncthreads inside is safe).
-#define FOR_EACH_IMAGE(img) \
-  for (long long img = blockIdx.y; img < p.num_images; img += gridDim.y)
-#define FOR_EACH_BOX_TILE(tile, count)                                          \
+#define FOR_EACH_IMAGE(img) for (long long img = blockIdx.y; img < p.num_images; img += gridDim.y)
+#define FOR_EACH_BOX_TILE(tile, count) \
   for (long long tile = blockIdx.x; tile * kBlock < (count); tile += gridDim.x)
 
 template <typename Kind>
@@ -504,9 +503,10 @@ void launch(const MaxIouAssignArgs& args, cudaStream_t stream) {
   }
   if (args.topk != 0) {
     const unsigned int blocks = blocks_for(args.num_images, 1);
-    kth_largest_kernel<T><<<blocks < kMaxGridY ? blocks : kMaxGridY, kBlock, 0, stream>>>(
-        p.max_overlaps, p.box_offsets, reinterpret_cast<const long long*>(args.topk),
-        args.num_images, reinterpret_cast<T*>(args.kth_largest));
+    kth_largest_kernel<T> < <<blocks<kMaxGridY ? blocks : kMaxGridY, kBlock, 0, stream>>>(
+                                p.max_overlaps, p.box_offsets,
+                                reinterpret_cast<const long long*>(args.topk), args.num_images,
+                                reinterpret_cast<T*>(args.kth_largest));
     check_launch("max_iou_assign kth_largest_kernel");
   }
 }

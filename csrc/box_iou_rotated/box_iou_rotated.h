@@ -1,4 +1,4 @@
-// Rotated-box IoU: pairwise (N, M) or aligned (N,). Semantics: DESIGN.md section 3 and
+// Rotated-box IoU: pairwise (N, M) or aligned (N,). Semantics: docs/design.md and
 // dbf_ext/ops/box_iou_rotated.py. Output is written in the compute type (float32 or float64).
 #pragma once
 #include <cstdint>
@@ -10,10 +10,10 @@ namespace dbf_ext {
 struct BoxIouRotatedArgs {
   BoxArrayView boxes1;
   BoxArrayView boxes2;
-  DType dtype;           // of both inputs and of the output
-  std::uintptr_t out;    // contiguous (N, M), or (N,) when aligned
+  DType dtype;         // of both inputs and of the output
+  std::uintptr_t out;  // contiguous (N, M), or (N,) when aligned
   bool aligned;
-  bool iof;              // divide by the area of boxes1 instead of the union
+  bool iof;  // divide by the area of boxes1 instead of the union
   bool clockwise;
 };
 

@@ -65,7 +65,8 @@ void run(const BoxIouRotatedArgs& args, int num_threads) {
   const bool iof = args.iof;
   if (args.aligned) {
     parallel_for(args.boxes1.count, 2048, num_threads, [&](std::int64_t begin, std::int64_t end) {
-      for (std::int64_t i = begin; i < end; ++i) out[i] = geometry::overlap_ratio(p1[i], p2[i], iof);
+      for (std::int64_t i = begin; i < end; ++i)
+        out[i] = geometry::overlap_ratio(p1[i], p2[i], iof);
     });
     return;
   }

@@ -63,19 +63,18 @@ void launch(const BoxIouRotatedArgs& args, cudaStream_t stream) {
   if (args.aligned) {
     constexpr int threads = 256;
     const unsigned int blocks = blocks_for(b1.count, threads);
-    aligned_kernel<T><<<blocks < 65536u ? blocks : 65536u, threads, 0, stream>>>(
-        b1.ptr<T>(), b1.row_stride, b1.col_stride, b2.ptr<T>(), b2.row_stride, b2.col_stride,
-        b1.count, out, args.iof, args.clockwise);
+    aligned_kernel<T> < <<blocks<65536u ? blocks : 65536u, threads, 0, stream>>>(
+                            b1.ptr<T>(), b1.row_stride, b1.col_stride, b2.ptr<T>(), b2.row_stride,
+                            b2.col_stride, b1.count, out, args.iof, args.clockwise);
     check_launch("box_iou_rotated aligned_kernel");
     return;
   }
   const dim3 block(kTileCols, kThreadRows);
   const unsigned int row_blocks = blocks_for(b1.count, kRowsPerBlock);
   const dim3 grid(blocks_for(b2.count, kTileCols), row_blocks < 65535u ? row_blocks : 65535u);
-  pairwise_kernel<T><<<grid, block, 0, stream>>>(b1.ptr<T>(), b1.count, b1.row_stride,
-                                                 b1.col_stride, b2.ptr<T>(), b2.count,
-                                                 b2.row_stride, b2.col_stride, out, args.iof,
-                                                 args.clockwise);
+  pairwise_kernel<T><<<grid, block, 0, stream>>>(
+      b1.ptr<T>(), b1.count, b1.row_stride, b1.col_stride, b2.ptr<T>(), b2.count, b2.row_stride,
+      b2.col_stride, out, args.iof, args.clockwise);
   check_launch("box_iou_rotated pairwise_kernel");
 }
 

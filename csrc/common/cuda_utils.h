@@ -38,7 +38,9 @@ class DeviceGuard {
 };
 
 // The torch stream handle passed from Python as an integer.
-inline cudaStream_t as_stream(std::uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+inline cudaStream_t as_stream(std::uintptr_t stream) {
+  return reinterpret_cast<cudaStream_t>(stream);
+}
 
 // Checks that the preceding kernel launch was accepted (bad configuration, no kernel image for
 // this GPU, ...). Asynchronous faults surface at the next synchronising call.

@@ -111,7 +111,8 @@ struct NarrowFloat {
       // Infinity when the mantissa is 0; otherwise one of the 2 * (2^mantissa bits - 1) NaN
       // codes, whose payload moves into the float32 mantissa with the quiet bit set (what
       // torch's and the hardware's conversions give for every NaN code).
-      return bits_float(sign | 0x7f800000u | (mantissa == 0u ? 0u : 0x400000u | (mantissa << kShift)));
+      return bits_float(sign | 0x7f800000u |
+                        (mantissa == 0u ? 0u : 0x400000u | (mantissa << kShift)));
     }
     if ((code & ((1u << (kBits - 1)) - 1u)) == kNanCode) return bits_float(sign | 0x7fc00000u);
     if (exponent == 0) {  // subnormal or zero: mantissa * 2^(1 - bias - mantissa bits), exact
@@ -125,7 +126,9 @@ struct NarrowFloat {
 using Half = NarrowFloat<5, 10, true>;
 using Float8E4M3 = NarrowFloat<4, 3, false>;
 
-DBF_HOST_DEVICE std::uint16_t float_to_half(float f) { return static_cast<std::uint16_t>(Half::encode(f)); }
+DBF_HOST_DEVICE std::uint16_t float_to_half(float f) {
+  return static_cast<std::uint16_t>(Half::encode(f));
+}
 DBF_HOST_DEVICE float half_to_float(std::uint16_t h) { return Half::decode(h); }
 DBF_HOST_DEVICE std::uint8_t float_to_float8_e4m3(float f) {
   return static_cast<std::uint8_t>(Float8E4M3::encode(f));

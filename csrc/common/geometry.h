@@ -87,9 +87,8 @@ struct PreparedBox {
 template <typename T>
 DBF_HOST_DEVICE PreparedBox<T> prepare_box(T cx, T cy, T w, T h, T theta, bool clockwise) {
   PreparedBox<T> box{};
-  box.valid = is_finite(cx) && is_finite(cy) && is_finite(w) && is_finite(h) &&
-              is_finite(theta) && w > T(0) && h > T(0) &&
-              w * h >= NumericTraits<T>::min_normal;
+  box.valid = is_finite(cx) && is_finite(cy) && is_finite(w) && is_finite(h) && is_finite(theta) &&
+              w > T(0) && h > T(0) && w * h >= NumericTraits<T>::min_normal;
   if (!box.valid) return box;
   T s, c;
   sin_cos(theta, &s, &c);
@@ -209,10 +208,14 @@ DBF_HOST_DEVICE T overlap_ratio(const PreparedBox<T>& a, const PreparedBox<T>& b
     const T fx = -bh * sr, fy = bh * cr;  // half h edge of b
     T px[kMaxClippedVertices], py[kMaxClippedVertices];
     T qx[kMaxClippedVertices], qy[kMaxClippedVertices];
-    px[0] = u + ex + fx; py[0] = v + ey + fy;
-    px[1] = u - ex + fx; py[1] = v - ey + fy;
-    px[2] = u - ex - fx; py[2] = v - ey - fy;
-    px[3] = u + ex - fx; py[3] = v + ey - fy;
+    px[0] = u + ex + fx;
+    py[0] = v + ey + fy;
+    px[1] = u - ex + fx;
+    py[1] = v - ey + fy;
+    px[2] = u - ex - fx;
+    py[2] = v - ey - fy;
+    px[3] = u + ex - fx;
+    py[3] = v + ey - fy;
     int n = clip_polygon(px, py, 4, qx, qy, true, T(1), aw);
     n = clip_polygon(qx, qy, n, px, py, true, T(-1), aw);
     n = clip_polygon(px, py, n, qx, qy, false, T(1), ah);

@@ -25,16 +25,21 @@ struct BoxArrayView {
   std::int64_t col_stride;
 
   template <typename T>
-  const T* ptr() const { return reinterpret_cast<const T*>(data); }
+  const T* ptr() const {
+    return reinterpret_cast<const T*>(data);
+  }
 };
 
 // Dispatches a functor templated on the compute type.
 template <typename F>
 auto dispatch_float(DType dtype, F&& fn) {
   switch (dtype) {
-    case DType::Float32: return fn(float{});
-    case DType::Float64: return fn(double{});
-    default: break;
+    case DType::Float32:
+      return fn(float{});
+    case DType::Float64:
+      return fn(double{});
+    default:
+      break;
   }
   throw std::invalid_argument("dbf_ext._C: unsupported dtype");
 }

@@ -73,11 +73,16 @@ struct Float8E4M3 {
 template <typename F>
 auto dispatch(DType dtype, F&& fn) {
   switch (dtype) {
-    case DType::Float32: return fn(Float32{});
-    case DType::BFloat16: return fn(BFloat16{});
-    case DType::Float16: return fn(Float16{});
-    case DType::Float8E4M3: return fn(Float8E4M3{});
-    default: break;
+    case DType::Float32:
+      return fn(Float32{});
+    case DType::BFloat16:
+      return fn(BFloat16{});
+    case DType::Float16:
+      return fn(Float16{});
+    case DType::Float8E4M3:
+      return fn(Float8E4M3{});
+    default:
+      break;
   }
   throw std::invalid_argument("dbf_ext feature cache: unsupported dtype");
 }
@@ -115,14 +120,16 @@ DBF_HOST_DEVICE typename Map::bits unpack_value(typename Store::bits stored, flo
 // Where one channel of a level lies in a sample's slab: its stored values, and (float8) its
 // scale. `Byte` is char or const char, and the constness carries over.
 template <typename Store, typename Byte>
-DBF_HOST_DEVICE auto* channel_values(Byte* slab, const FeatureLevelDesc& level, std::int64_t channel) {
+DBF_HOST_DEVICE auto* channel_values(Byte* slab, const FeatureLevelDesc& level,
+                                     std::int64_t channel) {
   using Bits = std::conditional_t<std::is_const<Byte>::value, const typename Store::bits,
                                   typename Store::bits>;
   return reinterpret_cast<Bits*>(slab + level.slab_offset) + channel * level.height * level.width;
 }
 
 template <typename Byte>
-DBF_HOST_DEVICE auto* channel_scale(Byte* slab, const FeatureLevelDesc& level, std::int64_t channel) {
+DBF_HOST_DEVICE auto* channel_scale(Byte* slab, const FeatureLevelDesc& level,
+                                    std::int64_t channel) {
   using Scale = std::conditional_t<std::is_const<Byte>::value, const float, float>;
   return reinterpret_cast<Scale*>(slab + level.scale_offset) + channel;
 }

@@ -33,7 +33,8 @@ void for_each_row(const FeatureCacheArgs& args, int num_threads, const Fn& fn) {
 }
 
 char* slab_of(const FeatureCacheArgs& args, std::int64_t sample) {
-  return reinterpret_cast<char*>(reinterpret_cast<const std::int64_t*>(args.slab_addresses)[sample]);
+  return reinterpret_cast<char*>(
+      reinterpret_cast<const std::int64_t*>(args.slab_addresses)[sample]);
 }
 
 template <typename Map, typename Store>
@@ -76,9 +77,8 @@ void unpack(const FeatureCacheArgs& args, int num_threads) {
 
 void pack_features_cpu(const FeatureCacheArgs& args, int num_threads) {
   formats::dispatch(args.map_dtype, [&](auto map) {
-    formats::dispatch(args.storage_dtype, [&](auto store) {
-      pack<decltype(map), decltype(store)>(args, num_threads);
-    });
+    formats::dispatch(args.storage_dtype,
+                      [&](auto store) { pack<decltype(map), decltype(store)>(args, num_threads); });
   });
 }
 

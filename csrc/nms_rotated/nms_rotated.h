@@ -1,4 +1,4 @@
-// Greedy non-maximum suppression of rotated boxes, optionally per class. Semantics: DESIGN.md
+// Greedy non-maximum suppression of rotated boxes, optionally per class. Semantics: docs/design.md
 // section 3 and dbf_ext/ops/nms_rotated.py. The caller sorts by score (the order array) and
 // allocates the output; the kernels only sweep.
 #pragma once
@@ -10,12 +10,12 @@
 namespace dbf_ext {
 
 struct NmsRotatedArgs {
-  BoxArrayView boxes;       // (N, 5), clockwise convention, in the compute type
-  DType dtype;              // of boxes
-  std::uintptr_t order;     // int64 (N,): box indices by decreasing score, ties by lower index
-  std::uintptr_t labels;    // int64 (N,) class of each box (indexed like boxes), or 0: one class
-  double iou_threshold;     // suppress when IoU > iou_threshold
-  std::uintptr_t keep;      // int64 (N,) output: kept box indices, by decreasing score
+  BoxArrayView boxes;     // (N, 5), clockwise convention, in the compute type
+  DType dtype;            // of boxes
+  std::uintptr_t order;   // int64 (N,): box indices by decreasing score, ties by lower index
+  std::uintptr_t labels;  // int64 (N,) class of each box (indexed like boxes), or 0: one class
+  double iou_threshold;   // suppress when IoU > iou_threshold
+  std::uintptr_t keep;    // int64 (N,) output: kept box indices, by decreasing score
 };
 
 template <typename T>
@@ -40,8 +40,8 @@ DBF_HOST_DEVICE bool iou_clearly_at_most(const geometry::PreparedBox<T>& a,
   const T overlap_x = a.extent_x + b.extent_x - abs_value(a.cx - b.cx);
   const T overlap_y = a.extent_y + b.extent_y - abs_value(a.cy - b.cy);
   if (overlap_x < T(0) || overlap_y < T(0)) return true;  // bounding_boxes_overlap is false
-  const T inv = T(1) / max_value(max_value(a.extent_x, a.extent_y),
-                                 max_value(b.extent_x, b.extent_y));
+  const T inv =
+      T(1) / max_value(max_value(a.extent_x, a.extent_y), max_value(b.extent_x, b.extent_y));
   // The overlap of two intervals is at most the shorter one.
   const T width = min_value(overlap_x, T(2) * min_value(a.extent_x, b.extent_x));
   const T height = min_value(overlap_y, T(2) * min_value(a.extent_y, b.extent_y));
@@ -79,12 +79,12 @@ constexpr std::int64_t kNmsBlockBoxes = 64;
 // Device scratch, allocated by the caller through torch (caching allocator), with
 // row_blocks = ceil(N / 64).
 struct NmsRotatedCudaScratch {
-  std::uintptr_t mask;       // mask_words 64-bit words
-  std::int64_t mask_words;   // >= 64 * row_blocks; the upper triangle of the mask needs
-                             // 64 * row_blocks * (row_blocks + 1) / 2 words, and is computed in
-                             // chunks of rows when the capacity is smaller
-  std::uintptr_t removed;    // row_blocks 64-bit words, zeroed
-  std::uintptr_t keep_count; // one int64, zeroed; receives the number of kept boxes
+  std::uintptr_t mask;        // mask_words 64-bit words
+  std::int64_t mask_words;    // >= 64 * row_blocks; the upper triangle of the mask needs
+                              // 64 * row_blocks * (row_blocks + 1) / 2 words, and is computed in
+                              // chunks of rows when the capacity is smaller
+  std::uintptr_t removed;     // row_blocks 64-bit words, zeroed
+  std::uintptr_t keep_count;  // one int64, zeroed; receives the number of kept boxes
 };
 
 // Asynchronous on `stream`: args.keep and scratch.keep_count are final once the stream reaches

@@ -29,9 +29,7 @@ struct MaskLayout {
   long long first_row_block;  // of the chunk
 
   // Words stored for row blocks 0 .. k - 1 of a full triangle, divided by 64.
-  DBF_HOST_DEVICE long long triangle(long long k) const {
-    return k * row_blocks - k * (k - 1) / 2;
-  }
+  DBF_HOST_DEVICE long long triangle(long long k) const { return k * row_blocks - k * (k - 1) / 2; }
   DBF_HOST_DEVICE long long chunk_words(long long end_row_block) const {
     return kBlockBoxes * (triangle(end_row_block) - triangle(first_row_block));
   }
@@ -52,10 +50,10 @@ DBF_HOST_DEVICE MaskWord present_bits(long long count_in_block) {
 // removed again.
 template <typename T>
 __global__ void __launch_bounds__(kBlockBoxes)
-    suppression_mask_kernel(const T* __restrict__ boxes, long long row_stride,
-                            long long col_stride, const long long* __restrict__ order,
-                            const long long* __restrict__ labels, long long n,
-                            double iou_threshold, MaskLayout layout, long long chunk_row_blocks,
+    suppression_mask_kernel(const T* __restrict__ boxes, long long row_stride, long long col_stride,
+                            const long long* __restrict__ order,
+                            const long long* __restrict__ labels, long long n, double iou_threshold,
+                            MaskLayout layout, long long chunk_row_blocks,
                             const MaskWord* __restrict__ removed, MaskWord* __restrict__ mask) {
   const long long k = blockIdx.y;
   const long long first_tiles = layout.row_blocks - (layout.first_row_block + k);
@@ -167,8 +165,7 @@ __global__ void __launch_bounds__(kGatherThreads)
 }
 
 template <typename T>
-void launch(const NmsRotatedArgs& args, const NmsRotatedCudaScratch& scratch,
-            cudaStream_t stream) {
+void launch(const NmsRotatedArgs& args, const NmsRotatedCudaScratch& scratch, cudaStream_t stream) {
   const long long n = args.boxes.count;
   const long long row_blocks = (n + kBlockBoxes - 1) / kBlockBoxes;
   if (scratch.mask_words < kBlockBoxes * row_blocks) {

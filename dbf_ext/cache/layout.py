@@ -6,7 +6,7 @@ Every region starts on a 16-byte boundary. A :class:`SlabLayout` describes the s
 backbone output structure at one input size; the kernels (``csrc/feature_cache/``) only follow
 the offsets computed here.
 
-Conversions (DESIGN.md section 3, "Feature cache"):
+Conversions:
 
 * ``float32``: lossless.
 * ``bfloat16`` / ``float16``: round to nearest even, bit-identical to ``tensor.to(dtype)``.

@@ -1,6 +1,6 @@
 """Mean average precision for rotated (``"obb"``) and axis-aligned (``"hbb"``) boxes.
 
-The semantics are those of the DOTA devkit and mmrotate's ``eval_rbbox_map`` (DESIGN.md §3):
+The semantics are those of the DOTA devkit and mmrotate's ``eval_rbbox_map``:
 
 * per class and image, detections are taken in order of decreasing score (a stable sort: equal
   scores keep their input order, where mmrotate's quicksort leaves it unspecified) and each is
@@ -146,7 +146,7 @@ def eval_map(
             0-based class indices and optionally ``bboxes_ignore``, ``labels_ignore``
             (difficult objects: detections matching them neither help nor hurt).
         iou_thr: a detection matches a ground truth at IoU ≥ ``iou_thr``.
-        box_type: ``"obb"`` (rotated, radians, clockwise; see DESIGN.md) or ``"hbb"``.
+        box_type: ``"obb"`` (rotated, radians, clockwise; see docs/design.md) or ``"hbb"``.
         use_07_metric: VOC07 11-point AP (DOTA's default) or area under the curve.
 
     Numpy arrays, tensors (any device) and nested lists are accepted.

@@ -124,7 +124,7 @@ class FreezeSchedule(abc.ABC):
     @abc.abstractmethod
     def _frozen_at(self, epoch: int) -> bool: ...
 
-    def _configure(self) -> None:
+    def _configure(self) -> None:  # noqa: B027 (a hook: schedules without parameters keep it empty)
         """Validate and store parameters; schedules without parameters have nothing to do."""
 
     def _config(self) -> dict[str, Any]:
