@@ -15,6 +15,7 @@
 //                  ordered by gt, so the last gt wins as in the sequential loop; decode restores
 //                  the indices
 //   kth_largest    (statistic requested) per-image radix select of max_overlaps
+#include <algorithm>
 #include <cmath>
 #include <cstdint>
 
@@ -502,11 +503,10 @@ void launch(const MaxIouAssignArgs& args, cudaStream_t stream) {
     check_launch("max_iou_assign decode_low_quality_kernel");
   }
   if (args.topk != 0) {
-    const unsigned int blocks = blocks_for(args.num_images, 1);
-    kth_largest_kernel<T> < <<blocks<kMaxGridY ? blocks : kMaxGridY, kBlock, 0, stream>>>(
-                                p.max_overlaps, p.box_offsets,
-                                reinterpret_cast<const long long*>(args.topk), args.num_images,
-                                reinterpret_cast<T*>(args.kth_largest));
+    const unsigned int blocks = std::min(blocks_for(args.num_images, 1), kMaxGridY);
+    kth_largest_kernel<T><<<blocks, kBlock, 0, stream>>>(
+        p.max_overlaps, p.box_offsets, reinterpret_cast<const long long*>(args.topk),
+        args.num_images, reinterpret_cast<T*>(args.kth_largest));
     check_launch("max_iou_assign kth_largest_kernel");
   }
 }

@@ -1,5 +1,7 @@
 #include "box_iou_rotated/box_iou_rotated.h"
 
+#include <algorithm>
+
 #include "common/cuda_utils.h"
 #include "common/geometry.h"
 
@@ -62,10 +64,10 @@ void launch(const BoxIouRotatedArgs& args, cudaStream_t stream) {
   T* out = reinterpret_cast<T*>(args.out);
   if (args.aligned) {
     constexpr int threads = 256;
-    const unsigned int blocks = blocks_for(b1.count, threads);
-    aligned_kernel<T> < <<blocks<65536u ? blocks : 65536u, threads, 0, stream>>>(
-                            b1.ptr<T>(), b1.row_stride, b1.col_stride, b2.ptr<T>(), b2.row_stride,
-                            b2.col_stride, b1.count, out, args.iof, args.clockwise);
+    const unsigned int blocks = std::min(blocks_for(b1.count, threads), 65536u);  // grid-stride
+    aligned_kernel<T><<<blocks, threads, 0, stream>>>(b1.ptr<T>(), b1.row_stride, b1.col_stride,
+                                                      b2.ptr<T>(), b2.row_stride, b2.col_stride,
+                                                      b1.count, out, args.iof, args.clockwise);
     check_launch("box_iou_rotated aligned_kernel");
     return;
   }
