@@ -49,6 +49,23 @@ def test_train_with_dbf_and_cache_then_eval(tiny_set, tmp_path, capsys):
     assert "mAP@0.5" in capsys.readouterr().out
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("cache", ["bfloat16:gpu=256MB", "float8_e4m3:cpu=64MB", "float32:disk=64MB"])
+def test_cuda_training_with_each_cache_tier(tiny_set, tmp_path, capsys, cache):
+    """The main job on a GPU (AMP on): DBF with the cache in GPU memory, pinned host memory or
+    on disk; frozen epochs after the first are served from the cache, losses stay finite."""
+    out = tmp_path / "run"
+    assert run_train(tiny_set, out, "--device", "cuda", "--epochs", "4", "--hflip", "0",
+                     "--cache", cache, "--cache-dir", str(tmp_path / "cache")) == 0
+    records = log_lines(out)
+    assert [r["frozen"] for r in records] == [False, True, True, True]
+    assert records[1]["cache_hit_rate"] == 0.0
+    assert records[2]["cache_hit_rate"] == 1.0 and records[3]["cache_hit_rate"] == 1.0
+    assert all(torch.isfinite(torch.tensor(list(r["losses"].values()))).all() for r in records)
+    assert main(["eval", "--checkpoint", str(out / "checkpoint.pt"), "--device", "cuda"]) == 0
+    assert "mAP@0.5" in capsys.readouterr().out
+
+
 class Interrupted(Exception):
     pass
 
