@@ -3,6 +3,9 @@ budgets, disk spill, corruption, and the cache-aware data path."""
 
 from __future__ import annotations
 
+import errno
+import multiprocessing
+import os
 import warnings
 
 import pytest
@@ -15,8 +18,10 @@ from dbf_ext.cache import (
     CacheAwareDataset,
     CachedBackbone,
     FeatureCache,
+    PlaceholderMiss,
     cache_aware_collate,
 )
+from dbf_ext.cache import store as store_module
 from dbf_ext.freeze import FrozenBackbone
 
 IMAGE = 96
@@ -185,8 +190,8 @@ def test_spill_to_disk_and_truncated_entry_is_recomputed(tmp_path):
     with torch.no_grad():
         first = cached(batch, keys)
         assert cache.entries_per_tier() == {"gpu": 0, "cpu": 0, "disk": 2}
-        assert (tmp_path / "cache").stat().st_mode & 0o777 == 0o700
-        files = sorted((tmp_path / "cache").glob("*.dbfc"))
+        assert cache.entry_dir.parent.stat().st_mode & 0o777 == 0o700  # the private folder
+        files = sorted(cache.entry_dir.glob("*.dbfc"))
         assert len(files) == 2 and all(keys[0][0] not in f.name for f in files)
         from_disk = cached(torch.zeros_like(batch), keys)
         for name in first:  # bfloat16 store, served from disk
@@ -195,11 +200,14 @@ def test_spill_to_disk_and_truncated_entry_is_recomputed(tmp_path):
         data = files[0].read_bytes()
         files[0].write_bytes(data[: len(data) // 2])  # a crash mid-write, or a damaged disk
         again = cached(batch, keys)
-        assert cache.stats.corrupt == 1
-        recomputed = cached(batch, None)
-        for name in first:
-            assert torch.equal(again[name], recomputed[name]) or torch.equal(
-                again[name], recomputed[name].to(torch.bfloat16).float())
+        alone = [cached(batch[i : i + 1], None) for i in range(2)]
+    assert cache.stats.corrupt == 1 and cache.stats.hits == 3
+    # Only the damaged entry's row is recomputed (in a sub-batch of one, full precision); the
+    # other row is still served from disk.
+    served = [i for i in range(2) if all(
+        torch.equal(again[n][i], first[n][i].to(torch.bfloat16).float()) for n in first)]
+    recomputed = [i for i in range(2) if all(torch.equal(again[n][i], alone[i][n][0]) for n in first)]
+    assert len(recomputed) == 1 and sorted(served + recomputed) == [0, 1]
 
 
 def test_passthrough_when_not_frozen():
@@ -312,3 +320,300 @@ def _round_trip(state):
     torch.save(state, buffer)
     buffer.seek(0)
     return buffer
+
+
+# ---- validity: what invalidates, and when (the invalidation contract) ----
+
+
+def test_keys_snapshot_is_empty_once_the_backbone_trains():
+    """The data path asks for the snapshot after the schedule unfroze the backbone: it must not
+    offer a single key, or the trained epoch would get placeholders."""
+    cache = FeatureCache("float32")
+    model, cached = frozen_model(cache)
+    images, _, keys = batches(1)[0]
+    with torch.no_grad():
+        cached(torch.stack(images), keys)
+    assert cache.keys_snapshot() == frozenset(keys)
+    cached.backbone.set_frozen(False)
+    assert cache.keys_snapshot() == frozenset() and len(cache) == 0
+    cached.backbone.set_frozen(True)  # frozen again, with possibly other weights: still nothing
+    assert cache.keys_snapshot() == frozenset()
+
+
+def _scale_first_weight_via_data(body):
+    next(body.parameters()).data.mul_(1.5)
+
+
+def _copy_into_first_weight_via_data(body):
+    weight = next(body.parameters())
+    weight.data.copy_(weight.detach() * 0.5)
+
+
+def _write_through_numpy(body):
+    next(body.parameters()).detach().numpy()[:] *= 0.5
+
+
+def _change_batchnorm_eps(body):
+    next(m for m in body.modules() if isinstance(m, nn.BatchNorm2d)).eps = 0.5
+
+
+def _replace_activation(body):
+    body.backbone.relu = nn.LeakyReLU(0.5)  # a module without parameters
+
+
+def _replace_a_conv(body):
+    conv = body.backbone.conv1
+    replacement = nn.Conv2d(3, 64, 7, 2, 3, bias=False)
+    replacement.weight.data.copy_(conv.weight * 0.5)
+    body.backbone.conv1 = replacement
+
+
+@pytest.mark.parametrize("change", [_scale_first_weight_via_data, _copy_into_first_weight_via_data,
+                                   _write_through_numpy, _change_batchnorm_eps,
+                                   _replace_activation, _replace_a_conv])
+def test_changes_that_bypass_version_counters_invalidate_at_epoch_start(change):
+    cache = FeatureCache("float32")
+    model, cached = frozen_model(cache)
+    images, _, keys = batches(1)[0]
+    batch = torch.stack(images)
+    with torch.no_grad():
+        before = cached(batch, keys)
+        change(cached.backbone)
+        assert cache.keys_snapshot() == frozenset()  # checked when the next epoch starts
+        served = cached(batch, keys)
+        fresh = cached(batch, None)
+    assert not torch.equal(before["0"], fresh["0"])  # the change does change the features
+    for name in fresh:
+        assert torch.equal(served[name], fresh[name])
+    assert cache.stats.invalidations == 1
+
+
+# ---- the data path never computes on a placeholder ----
+
+
+def test_placeholder_never_reaches_a_computing_backbone():
+    cache = FeatureCache("float32")
+    _, cached = frozen_model(cache)
+    adapter = CacheAwareDataset(FlipDataset())
+    images, _, keys = cache_aware_collate([adapter[0], adapter[1]])
+    with torch.no_grad():
+        cached(torch.stack(images), keys)  # decoded: computed and stored
+    adapter.set_epoch(0, cache.keys_snapshot())
+    images, _, keys = cache_aware_collate([adapter[0], adapter[1], adapter[2]])
+    assert keys.undecoded == (0, 1)
+    with torch.no_grad():
+        cached(torch.stack(images), keys)  # rows 0, 1 served, row 2 computed: fine
+        cache.invalidate()
+        with pytest.raises(PlaceholderMiss) as miss:  # a miss on a placeholder: refused
+            cached(torch.stack(images), keys)
+        assert miss.value.rows == (0, 1)
+        cached.backbone.set_frozen(False)
+        with pytest.raises(PlaceholderMiss):  # a backbone that trains never sees one either
+            cached(torch.stack(images), keys)
+
+
+def test_a_miss_on_a_placeholder_decodes_the_sample():
+    cache = FeatureCache("float32")
+    model, cached = frozen_model(cache, training=True)
+    dataset = FlipDataset()
+    adapter = CacheAwareDataset(dataset)
+
+    def step(images, keys, targets):
+        return losses(model, cached, images, targets, keys)
+
+    images, targets, keys = cache_aware_collate([adapter[0], adapter[1]])
+    want = adapter.call_with_decoding(step, images, keys, targets)
+    adapter.set_epoch(0, cache.keys_snapshot())
+    images, targets, keys = cache_aware_collate([adapter[0], adapter[1]])
+    cache.invalidate()  # entries lost after the data path decided not to decode
+    decoded_before = dataset.decoded
+    with pytest.warns(UserWarning, match="decoded"):
+        got = adapter.call_with_decoding(step, images, keys, targets)
+    assert dataset.decoded == decoded_before + 2
+    assert all(torch.equal(got[k], want[k]) for k in want)
+
+
+# ---- per-image input size ----
+
+
+def test_multi_scale_batches_are_keyed_on_each_image_size():
+    """torchvision multi-scale training: each image is resized to a random size, then the batch
+    is padded. An entry is served only for the same image size in the same padded size."""
+    cache = FeatureCache("float32")
+    model, cached = build_model(cache)
+    model.transform.min_size = (64, 80, 96)
+    model.train()
+    cached.backbone.set_frozen(True)
+    cached.watch_input_sizes(model.transform)
+    images, _, keys = batches(1, batch_size=2)[0]
+    torch.manual_seed(3)
+    for _ in range(12):
+        with torch.no_grad(), cached.batch_keys(keys):
+            image_list, _ = model.transform(images)  # random size per image, then padding
+            served = model.backbone.body(image_list.tensors)
+            fresh = cached(image_list.tensors, None)
+        for name in fresh:
+            assert torch.equal(served[name], fresh[name])
+    assert cache.stats.hits > 0  # some sizes came back and were served
+
+
+# ---- the disk folder ----
+
+
+def test_disk_dir_is_not_chmodded_followed_or_emptied(tmp_path):
+    user_dir = tmp_path / "shared"
+    user_dir.mkdir(mode=0o755)
+    os.chmod(user_dir, 0o755)
+    (user_dir / "notes.dbfc").write_text("the user's file")
+    link = tmp_path / "link"
+    link.symlink_to(user_dir)
+    cache = FeatureCache("float32", cpu_bytes=0, disk_dir=link, disk_bytes=1 << 30)
+    _, cached = frozen_model(cache)
+    images, _, keys = batches(1)[0]
+    with torch.no_grad():
+        cached(torch.stack(images), keys)
+    assert user_dir.stat().st_mode & 0o777 == 0o755
+    assert (user_dir / "notes.dbfc").read_text() == "the user's file"
+    private = cache.entry_dir.parent
+    assert private.parent == link and private.stat().st_mode & 0o777 == 0o700
+    assert len(list(cache.entry_dir.glob("*.dbfc"))) == 2
+    cache.close()
+    assert (user_dir / "notes.dbfc").exists() and not cache.entry_dir.exists()
+
+
+def test_disk_dir_refusals(tmp_path):
+    with pytest.raises(ValueError, match="disk_dir"):
+        FeatureCache(disk_dir="")
+    FeatureCache(disk_dir=tmp_path).close()
+    (private,) = [p for p in tmp_path.iterdir() if p.is_dir()]
+    os.chmod(private, 0o755)
+    with pytest.raises(PermissionError, match="permissions"):
+        FeatureCache(disk_dir=tmp_path)
+    os.chmod(private, 0o700)
+    other = tmp_path / "other"
+    other.mkdir()
+    private.rmdir()
+    private.symlink_to(other)
+    with pytest.raises(PermissionError, match="symbolic link"):
+        FeatureCache(disk_dir=tmp_path)
+
+
+def _store_in_other_process(disk_dir: str, exit_without_cleanup: bool) -> None:
+    cache = FeatureCache("float32", cpu_bytes=0, disk_dir=disk_dir, disk_bytes=1 << 30)
+    cache.use_weights_version(0)
+    maps = [torch.rand(2, 4, 8, 8)]
+    cache.store([("other", 0), ("other", 1)], maps, None, (3, 32, 32))
+    if exit_without_cleanup:
+        os._exit(0)  # a crash: no finalizer runs, the lock goes with the process
+    cache.close()
+
+
+def test_two_processes_share_a_disk_dir_without_deleting_each_other(tmp_path):
+    cache = FeatureCache("float32", cpu_bytes=0, disk_dir=tmp_path, disk_bytes=1 << 30)
+    _, cached = frozen_model(cache)
+    images, _, keys = batches(1)[0]
+    batch = torch.stack(images)
+    with torch.no_grad():
+        first = cached(batch, keys)
+    context = multiprocessing.get_context("spawn")
+    for crash in (False, True):
+        other = context.Process(target=_store_in_other_process, args=(str(tmp_path), crash))
+        other.start()
+        other.join(120)
+        assert other.exitcode == 0
+    # The crashed process left its entries; the next cache on the folder removes them, and
+    # never those of a live process.
+    assert len(list(tmp_path.rglob("*.dbfc"))) == 4
+    FeatureCache(disk_dir=tmp_path).close()
+    assert len(list(tmp_path.rglob("*.dbfc"))) == 2
+    with torch.no_grad():
+        again = cached(torch.zeros_like(batch), keys)
+    assert cache.stats.hits == 2 and cache.stats.corrupt == 0
+    for name in first:
+        assert torch.equal(again[name], first[name])
+
+
+# ---- faults on disk ----
+
+
+def test_no_space_left_stores_nothing_and_warns_once(tmp_path, monkeypatch, caplog):
+    cache = FeatureCache("float32", cpu_bytes=0, disk_dir=tmp_path, disk_bytes=1 << 30)
+    _, cached = frozen_model(cache)
+    written = []
+
+    def write_until_full(fd, data):
+        if written:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        written.append(len(data))
+        return os_write(fd, data[: len(data) // 2])  # a short write first
+
+    os_write = os.write
+    monkeypatch.setattr(store_module.os, "write", write_until_full)
+    images, _, keys = batches(1)[0]
+    with torch.no_grad(), caplog.at_level("WARNING", logger="dbf_ext.cache.store"):
+        out = cached(torch.stack(images), keys)
+        cached(torch.stack(images), [("more", 0), ("more", 1)])
+        fresh = cached(torch.stack(images), None)
+    assert [r.getMessage().count("not stored") for r in caplog.records] == [1]
+    assert len(cache) == 0 and cache.bytes_used()["disk"] == 0 and cache.stats.not_stored == 4
+    assert not any(p.name.endswith((".dbfc", ".partial")) for p in tmp_path.rglob("*"))
+    for name in fresh:  # the miss still returns the fresh features
+        assert torch.equal(out[name], fresh[name])
+
+
+def test_swapped_and_foreign_files_are_misses(tmp_path):
+    cache = FeatureCache("float32", cpu_bytes=0, disk_dir=tmp_path, disk_bytes=1 << 30)
+    _, cached = frozen_model(cache)
+    images, _, keys = batches(1)[0]
+    batch = torch.stack(images)
+    with torch.no_grad():
+        cached(batch, keys)
+        a, b = sorted(cache.entry_dir.glob("*.dbfc"))
+        data_a, data_b = a.read_bytes(), b.read_bytes()
+        a.write_bytes(data_b)
+        b.write_bytes(data_a)
+        got = cached(batch, keys)
+        want = cached(batch, None)
+    assert cache.stats.corrupt == 2 and cache.stats.hits == 0
+    for name in want:
+        assert torch.equal(got[name], want[name])
+
+
+def test_a_file_truncated_after_verification_is_not_a_crash(tmp_path, monkeypatch):
+    """The bytes verified are the bytes served: a file cut short after the checksum was read
+    cannot make the unpack read past the end of a mapping."""
+    cache = FeatureCache("float32", cpu_bytes=0, disk_dir=tmp_path, disk_bytes=1 << 30)
+    _, cached = frozen_model(cache)
+    images, _, keys = batches(1)[0]
+    batch = torch.stack(images)
+    with torch.no_grad():
+        first = cached(batch, keys)
+        served = cached.cache.start_load(keys, torch.device("cpu"))
+        for path in cache.entry_dir.glob("*.dbfc"):
+            os.truncate(path, 10)
+        maps, _ = cache.finish_load(served)
+    for level, name in enumerate(first):
+        assert torch.equal(maps[level], first[name])
+
+
+# ---- accounting ----
+
+
+def test_the_same_key_twice_in_a_batch_counts_once():
+    cache = FeatureCache("float32")
+    _, cached = frozen_model(cache)
+    images, _, _ = batches(1)[0]
+    with torch.no_grad():
+        cached(torch.stack(images), [("same", 0), ("same", 0)])
+    single = FeatureCache("float32")
+    cached.cache = single
+    with torch.no_grad():
+        cached(torch.stack(images[:1] * 2), [("same", 0), None])
+    assert len(cache) == 1 and cache.stats.stored == 1
+    assert cache.bytes_used() == single.bytes_used()
+
+
+@pytest.mark.parametrize("budget", [True, False, 1.5, "1GB"])
+def test_budgets_must_be_integers(budget):
+    with pytest.raises(ValueError, match="cpu_bytes"):
+        FeatureCache(cpu_bytes=budget)

@@ -10,14 +10,20 @@ is in the cache, a placeholder image of the right size (no pixel is read: the
 Augmentation that cannot be keyed (random crop, arbitrary rotation, colour jitter) makes the
 dataset return ``None`` as the key: such samples are decoded as usual, their features are not
 cached, and a warning says so once.
+
+A placeholder never reaches a backbone that computes on it: the batch's keys
+(:class:`BatchKeys`) say which rows are placeholders, and the cached backbone raises
+:class:`PlaceholderMiss` instead of computing on one (the entry was lost after the loader
+decided, e.g. a damaged disk file, or the backbone trains). :meth:`CacheAwareDataset.call_with_decoding`
+then decodes those samples and runs the step again.
 """
 
 from __future__ import annotations
 
 import warnings
-from collections.abc import Hashable
+from collections.abc import Callable, Hashable, Iterable
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import Tensor
@@ -50,12 +56,45 @@ class CacheableDataset(Protocol):
         """``(H, W)`` of the augmented image, without decoding it."""
 
 
+Result = TypeVar("Result")
+
+
+class PlaceholderMiss(RuntimeError):
+    """Raised by the cached backbone instead of computing on placeholder images.
+
+    Attributes:
+        rows: the batch rows (placeholders) whose features must be computed.
+    """
+
+    def __init__(self, rows: Iterable[int]):
+        self.rows = tuple(sorted(rows))
+        super().__init__(f"batch rows {list(self.rows)} are undecoded placeholders whose "
+                         "features cannot be served; decode them (CacheAwareDataset.call_with_decoding)")
+
+
+class BatchKeys(list):
+    """The cache keys of a batch (a list, one key or ``None`` per image), knowing which rows are
+    placeholders and which dataset index each row came from.
+
+    Attributes:
+        undecoded: rows whose image is a placeholder.
+        indices: the dataset index of each row.
+    """
+
+    def __init__(self, keys: Iterable[CacheKey | None], undecoded: Iterable[int] = (),
+                 indices: Iterable[int | None] = ()):
+        super().__init__(keys)
+        self.undecoded = tuple(undecoded)
+        self.indices = tuple(indices)
+
+
 @dataclass
 class CacheAwareSample:
     image: Tensor  # (C, H, W); a placeholder when `decoded` is False
     target: dict[str, Any]
     key: CacheKey | None  # None: do not cache this sample
     decoded: bool
+    index: int | None = None  # in the wrapped dataset (to decode a placeholder later)
 
 
 class CacheAwareDataset(Dataset):
@@ -99,20 +138,81 @@ class CacheAwareDataset(Dataset):
                 )
                 self._warned_uncacheable = True
             image, target = self.dataset.load_sample(index, None)
-            return CacheAwareSample(image, target, None, True)
+            return CacheAwareSample(image, target, None, True, index)
         key = (self.dataset.sample_id(index), aug_key)
         if key in self.cached_keys:
             height, width = self.dataset.image_size(index, aug_key)
             # One element expanded: nothing is allocated or read, and it crosses worker
             # processes as a single value.
             placeholder = torch.zeros(1).expand(self.channels, height, width)
-            return CacheAwareSample(placeholder, self.dataset.load_target(index, aug_key), key, False)
+            target = self.dataset.load_target(index, aug_key)
+            return CacheAwareSample(placeholder, target, key, False, index)
         image, target = self.dataset.load_sample(index, aug_key)
-        return CacheAwareSample(image, target, key, True)
+        return CacheAwareSample(image, target, key, True, index)
+
+    def call_with_decoding(self, step: Callable[..., Result], images: list[Tensor],
+                           keys: BatchKeys, *args: Any) -> Result:
+        """``step(images, keys, *args)``, decoding placeholders the backbone cannot serve.
+
+        When ``step`` raises :class:`PlaceholderMiss`, the named rows are decoded (in this
+        process), the random number generators are put back where they were, and ``step`` runs
+        again: it makes the same random draws (multi-scale resizing, samplers) as if those
+        samples had been decoded from the start. Each retry decodes at least one row, so this
+        ends.
+
+        Args:
+            step: the forward of one batch, e.g. the model call inside
+                ``CachedBackbone.batch_keys(keys)``.
+            images: the batch's images ``(C, H, W)``, as the collate function returned them
+                (possibly moved to a device).
+            keys: the batch's :class:`BatchKeys`.
+        """
+        random_state = _random_state()
+        while True:
+            try:
+                return step(images, keys, *args)
+            except PlaceholderMiss as miss:
+                warnings.warn(
+                    f"{len(miss.rows)} sample(s) announced as cached could not be served "
+                    "(entry lost or damaged): decoded and recomputed",
+                    stacklevel=2,
+                )
+                _set_random_state(random_state)
+                images, keys = self.decode(images, keys, miss.rows)
+
+    def decode(self, images: list[Tensor], keys: BatchKeys,
+               rows: Iterable[int]) -> tuple[list[Tensor], BatchKeys]:
+        """``(images, keys)`` with the placeholders at ``rows`` replaced by decoded images (on
+        the placeholder's device)."""
+        rows = set(rows)
+        if not rows <= set(keys.undecoded):
+            raise ValueError(f"rows {sorted(rows - set(keys.undecoded))} are not placeholders")
+        images = list(images)
+        for row in rows:
+            image, _ = self.dataset.load_sample(keys.indices[row], keys[row][1])
+            images[row] = image.to(images[row].device)
+        undecoded = [row for row in keys.undecoded if row not in rows]
+        return images, BatchKeys(keys, undecoded, keys.indices)
+
+
+def _random_state() -> tuple[Tensor, list[Tensor] | None]:
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else None
+    return torch.get_rng_state(), cuda
+
+
+def _set_random_state(state: tuple[Tensor, list[Tensor] | None]) -> None:
+    cpu, cuda = state
+    torch.set_rng_state(cpu)
+    if cuda is not None:
+        torch.cuda.set_rng_state_all(cuda)
 
 
 def cache_aware_collate(
     samples: list[CacheAwareSample],
 ) -> tuple[list[Tensor], list[dict[str, Any]], list[CacheKey | None]]:
-    """Batches samples as torchvision detectors take them: (images, targets, cache keys)."""
-    return [s.image for s in samples], [s.target for s in samples], [s.key for s in samples]
+    """Batches samples as torchvision detectors take them: (images, targets, cache keys); the
+    keys are a :class:`BatchKeys`, which knows the placeholder rows."""
+    keys = BatchKeys([s.key for s in samples],
+                     undecoded=[row for row, s in enumerate(samples) if not s.decoded],
+                     indices=[s.index for s in samples])
+    return [s.image for s in samples], [s.target for s in samples], keys

@@ -352,6 +352,7 @@ def train(config: TrainConfig, console: Console | None = None,
     if cache_options:
         disk_dir = config.cache_dir or (out / "feature_cache" if cache_options["disk_bytes"] else None)
         cached = CachedBackbone(dbf.backbone, FeatureCache(**cache_options, disk_dir=disk_dir))
+        cached.watch_input_sizes(model.transform)
         model.backbone.body = cached
     model.to(device)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -419,8 +420,9 @@ def train(config: TrainConfig, console: Console | None = None,
                            for t in targets]
                 with torch.autocast(device.type, enabled=use_amp):
                     if cached is not None:
-                        with cached.batch_keys(keys):
-                            losses = model(images, targets)
+                        losses = dataset.call_with_decoding(
+                            lambda images, keys: _cached_forward(model, cached, images, targets, keys),
+                            images, keys)
                     else:
                         losses = model(images, targets)
                     loss = sum(losses.values())
@@ -482,6 +484,11 @@ def train(config: TrainConfig, console: Console | None = None,
     final_map, per_class = last_evaluation
     return TrainResult(config, history, train_set.classes, final_map, per_class,
                        cached.cache.summary() if cached is not None else None)
+
+
+def _cached_forward(model, cached: CachedBackbone, images, targets, keys):
+    with cached.batch_keys(keys):
+        return model(images, targets)
 
 
 def _collate(batch):
