@@ -14,6 +14,7 @@ from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 from torch.utils.hooks import RemovableHandle
 
+from dbf_ext import _ext
 from dbf_ext.cache.data import PlaceholderMiss
 from dbf_ext.cache.store import CacheKey, FeatureCache
 from dbf_ext.freeze.frozen_backbone import nest_wrapped_keys
@@ -187,8 +188,8 @@ class CachedBackbone(nn.Module):
             return pytree.tree_unflatten(loaded, loaded_structure)
         if loaded_structure != structure:
             raise RuntimeError("cached features have another structure than the backbone's output")
-        index_hits = torch.tensor(hits, device=images.device)
-        index_misses = torch.tensor(misses, device=images.device)
+        index_hits = _ext.host_values_to(images.device, hits, torch.int64)
+        index_misses = _ext.host_values_to(images.device, misses, torch.int64)
         merged = []
         for fresh, cached in zip(computed, loaded):
             out = fresh.new_empty((len(keys), *fresh.shape[1:]))

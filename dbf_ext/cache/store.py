@@ -20,6 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from dbf_ext import _ext
 from dbf_ext.cache.layout import STORAGE_DTYPES, SlabLayout
 
 logger = logging.getLogger(__name__)
@@ -331,7 +332,8 @@ class FeatureCache:
         if host_indices:
             host = torch.empty((len(host_indices), layout.slab_bytes), dtype=torch.uint8,
                                pin_memory=on_gpu)
-            host.copy_(slabs[torch.tensor(host_indices, device=slabs.device)], non_blocking=on_gpu)
+            host.copy_(slabs[_ext.host_values_to(slabs.device, host_indices, torch.int64)],
+                       non_blocking=on_gpu)
             ready = None
             if on_gpu:
                 ready = torch.cuda.Event()
@@ -533,4 +535,4 @@ def _compact_rows(slabs: Tensor, indices: list[int]) -> Tensor:
     (so a partially kept batch does not hold the whole batch's memory)."""
     if len(indices) == slabs.shape[0]:
         return slabs
-    return slabs[torch.tensor(indices, device=slabs.device)]
+    return slabs[_ext.host_values_to(slabs.device, indices, torch.int64)]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import math
@@ -421,8 +422,7 @@ def train(config: TrainConfig, console: Console | None = None,
                 with torch.autocast(device.type, enabled=use_amp):
                     if cached is not None:
                         losses = dataset.call_with_decoding(
-                            lambda images, keys: _cached_forward(model, cached, images, targets, keys),
-                            images, keys)
+                            functools.partial(_cached_forward, model, cached), images, keys, targets)
                     else:
                         losses = model(images, targets)
                     loss = sum(losses.values())
@@ -486,7 +486,7 @@ def train(config: TrainConfig, console: Console | None = None,
                        cached.cache.summary() if cached is not None else None)
 
 
-def _cached_forward(model, cached: CachedBackbone, images, targets, keys):
+def _cached_forward(model, cached: CachedBackbone, images, keys, targets):
     with cached.batch_keys(keys):
         return model(images, targets)
 
