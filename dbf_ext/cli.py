@@ -181,7 +181,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default="auto", help=_DEVICE_HELP)
     demo.set_defaults(handler=_cmd_demo)
 
-    from dbf_ext.train.loop import SCHEDULES, TrainConfig
+    from dbf_ext.train import SCHEDULES, TrainConfig
     from dbf_ext.train.model import MODELS
 
     defaults = TrainConfig(data="")

@@ -508,11 +508,16 @@ def _store_in_other_process(disk_dir: str, exit_without_cleanup: bool) -> None:
     cache.close()
 
 
-def test_two_processes_share_a_disk_dir_without_deleting_each_other(tmp_path):
-    cache = FeatureCache("float32", cpu_bytes=0, disk_dir=tmp_path, disk_bytes=1 << 30)
+def disk_only_cached_model(disk_dir):
+    """A frozen cached backbone whose cache has only a disk tier, and one batch ``(batch, keys)``."""
+    cache = FeatureCache("float32", cpu_bytes=0, disk_dir=disk_dir, disk_bytes=1 << 30)
     _, cached = frozen_model(cache)
     images, _, keys = batches(1)[0]
-    batch = torch.stack(images)
+    return cache, cached, torch.stack(images), keys
+
+
+def test_two_processes_share_a_disk_dir_without_deleting_each_other(tmp_path):
+    cache, cached, batch, keys = disk_only_cached_model(tmp_path)
     with torch.no_grad():
         first = cached(batch, keys)
     context = multiprocessing.get_context("spawn")
@@ -562,10 +567,7 @@ def test_no_space_left_stores_nothing_and_warns_once(tmp_path, monkeypatch, capl
 
 
 def test_swapped_and_foreign_files_are_misses(tmp_path):
-    cache = FeatureCache("float32", cpu_bytes=0, disk_dir=tmp_path, disk_bytes=1 << 30)
-    _, cached = frozen_model(cache)
-    images, _, keys = batches(1)[0]
-    batch = torch.stack(images)
+    cache, cached, batch, keys = disk_only_cached_model(tmp_path)
     with torch.no_grad():
         cached(batch, keys)
         a, b = sorted(cache.entry_dir.glob("*.dbfc"))
@@ -582,10 +584,7 @@ def test_swapped_and_foreign_files_are_misses(tmp_path):
 def test_a_file_truncated_after_verification_is_not_a_crash(tmp_path, monkeypatch):
     """The bytes verified are the bytes served: a file cut short after the checksum was read
     cannot make the unpack read past the end of a mapping."""
-    cache = FeatureCache("float32", cpu_bytes=0, disk_dir=tmp_path, disk_bytes=1 << 30)
-    _, cached = frozen_model(cache)
-    images, _, keys = batches(1)[0]
-    batch = torch.stack(images)
+    cache, cached, batch, keys = disk_only_cached_model(tmp_path)
     with torch.no_grad():
         first = cached(batch, keys)
         served = cached.cache.start_load(keys, torch.device("cpu"))

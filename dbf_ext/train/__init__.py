@@ -1,24 +1,11 @@
 """Training of torchvision detectors with DBF, the feature cache and Dynamic R-CNN."""
 
 from dbf_ext.train.augment import KeyedFlipDataset, flip_boxes
-from dbf_ext.train.loop import (
-    SCHEDULES,
-    CheckpointError,
-    EpochRecord,
-    TrainConfig,
-    TrainResult,
-    evaluate,
-    load_checkpoint,
-    load_model_weights,
-    output_console,
-    parse_cache_spec,
-    parse_size,
-    plot_history,
-    resolve_device,
-    summary_rows,
-    train,
-)
+from dbf_ext.train.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from dbf_ext.train.config import SCHEDULES, TrainConfig, parse_cache_spec, parse_size, resolve_device
+from dbf_ext.train.engine import evaluate, train
 from dbf_ext.train.model import MODELS, build_detector
+from dbf_ext.train.report import EpochRecord, TrainResult, output_console, plot_history, summary_rows
 
 __all__ = [
     "MODELS",

@@ -1,0 +1,122 @@
+"""What a run leaves in its folder: the checkpoint (written first, atomically) and the JSON-lines log that
+agrees with it after any crash."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from dbf_ext.train.config import TrainConfig
+from dbf_ext.train.report import EpochRecord
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that cannot be used: unreadable, not a training checkpoint, or of another
+    model or class list. The message names the file."""
+
+
+# What train() writes into a checkpoint; a file without these is not one of its checkpoints.
+_CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "dbf", "dynamic_rcnn",
+                    "cache", "history", "config", "classes")
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A checkpoint written by :func:`train`, loaded with ``weights_only=True``.
+
+    Raises :class:`CheckpointError` (one line, naming the file) when the file cannot be read
+    or is not such a checkpoint, ``FileNotFoundError`` when it does not exist.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    # torch.load reports damage by RuntimeError (zip), UnpicklingError (not plain data),
+    # EOFError (empty) or ValueError, with messages of many lines.
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read (corrupt, truncated or not a "
+                              f"dbf-ext checkpoint): {first_line}") from None
+    missing = [key for key in _CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
+    if missing:
+        raise CheckpointError(f"{path} is not a dbf-ext training checkpoint of this version "
+                              f"(missing: {', '.join(missing)})")
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """Loads a checkpoint's weights; weights of another architecture are a :class:`CheckpointError`."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        first_line = str(err).strip().splitlines()[0]
+        raise CheckpointError(f"the weights in {path} do not fit model {state['config']['model']} "
+                              f"with {len(state['classes'])} classes: {first_line}") from None
+
+
+def check_resumable(state: dict[str, Any], path: Path, config: TrainConfig, classes: tuple[str, ...]) -> None:
+    trained = state["config"]["model"], tuple(state["classes"])
+    if trained != (config.model, classes):
+        raise CheckpointError(
+            f"{path} holds model {trained[0]} for classes {', '.join(trained[1])}; this run builds "
+            f"{config.model} for classes {', '.join(classes)} (same --model and data to resume)"
+        )
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    partial = path.with_suffix(".partial")
+    with partial.open("wb") as file:
+        torch.save(state, file)
+        file.flush()
+        os.fsync(file.fileno())
+    os.replace(partial, path)  # a crash never leaves a half-written checkpoint behind
+    _sync_folder(path.parent)
+
+
+def _sync_folder(folder: Path) -> None:
+    """Makes a rename in ``folder`` durable (POSIX; elsewhere folders cannot be opened)."""
+    if os.name == "posix":
+        descriptor = os.open(folder, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+
+
+def _log_line(record: EpochRecord) -> str:
+    return json.dumps(dataclasses.asdict(record)) + "\n"
+
+
+def append_log(path: Path, record: EpochRecord) -> None:
+    with path.open("a") as log:
+        log.write(_log_line(record))
+        log.flush()
+        os.fsync(log.fileno())
+
+
+def rewrite_log(path: Path, history: list[EpochRecord]) -> None:
+    """The log of the epochs a checkpoint holds: lines a crash left past the checkpoint (or
+    cut in half) go, a line the crash kept from being written comes back."""
+    partial = path.with_suffix(".partial")
+    with partial.open("w") as log:
+        log.writelines(_log_line(record) for record in history)
+        log.flush()
+        os.fsync(log.fileno())
+    os.replace(partial, path)
+    _sync_folder(path.parent)
+
+
+def check_run_folder(config: TrainConfig, out: Path) -> None:
+    checkpoint, log = out / "checkpoint.pt", out / "log.jsonl"
+    if config.resume and not checkpoint.exists():
+        raise FileNotFoundError(f"nothing to resume: no checkpoint {checkpoint} (run without --resume "
+                                "to start a new run)")
+    if not config.resume and not config.overwrite and (checkpoint.exists() or log.exists()):
+        raise FileExistsError(f"{out} holds a run (checkpoint.pt, log.jsonl): --resume continues it, "
+                              "--overwrite replaces it, or choose another --output")

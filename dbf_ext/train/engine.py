@@ -1,0 +1,254 @@
+"""The training engine: a torchvision detector with DBF, the feature cache and Dynamic R-CNN, trained and
+evaluated epoch by epoch."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+from rich.console import Console
+from torch.utils.data import DataLoader
+
+from dbf_ext.cache import CacheAwareDataset, CachedBackbone, FeatureCache, cache_aware_collate
+from dbf_ext.data import DotaDetectionDataset
+from dbf_ext.evaluation import eval_map
+from dbf_ext.freeze import (
+    apply_dbf,
+)
+from dbf_ext.train.augment import KeyedFlipDataset
+from dbf_ext.train.checkpoint import (
+    append_log,
+    check_resumable,
+    check_run_folder,
+    load_checkpoint,
+    load_model_weights,
+    rewrite_log,
+    save_checkpoint,
+)
+from dbf_ext.train.config import TrainConfig, parse_cache_spec, resolve_device
+from dbf_ext.train.model import build_detector
+from dbf_ext.train.report import EpochRecord, TrainResult, epoch_line, output_console, progress_bar
+
+logger = logging.getLogger(__name__)
+
+
+def _load_dataset(config: TrainConfig, split: str, classes=None) -> DotaDetectionDataset:
+    root = Path(config.data)
+    if not (root / split).is_dir():
+        raise FileNotFoundError(f"{root} has no '{split}' split (expected {root / split}/images and labelTxt)")
+    dataset = DotaDetectionDataset(root, split, classes=classes, box_type="hbb", errors=config.label_errors)
+    if len(dataset) == 0:
+        raise ValueError(f"no images in {root / split / 'images'}")
+    return dataset
+
+
+@torch.no_grad()
+def evaluate(model: torch.nn.Module, dataset: DotaDetectionDataset, device: torch.device,
+             batch_size: int = 8, iou_thr: float = 0.5) -> tuple[float, dict[str, float]]:
+    """VOC07 mAP at ``iou_thr`` of ``model`` on ``dataset`` (axis-aligned boxes)."""
+    model.eval()
+    detections = []
+    for start in range(0, len(dataset), batch_size):
+        indices = range(start, min(start + batch_size, len(dataset)))
+        images = [dataset.load_image(i).to(device) for i in indices]
+        for output in model(images):
+            boxes, scores = output["boxes"].cpu().double(), output["scores"].cpu().double()
+            labels = output["labels"].cpu() - 1
+            detections.append([
+                torch.cat([boxes[labels == c], scores[labels == c, None]], 1).numpy()
+                for c in range(dataset.num_classes)
+            ])
+    mean_ap, per_class = eval_map(detections, dataset.eval_annotations(), iou_thr=iou_thr,
+                                  box_type="hbb", use_07_metric=True)
+    return float(mean_ap), {name: float(per_class[c]["ap"]) for c, name in enumerate(dataset.classes)}
+
+
+def train(config: TrainConfig, console: Console | None = None,
+          on_epoch_end: Callable[[EpochRecord], None] | None = None) -> TrainResult:
+    """Trains a torchvision Faster R-CNN on a DOTA-format folder with ``train``/``val`` splits.
+
+    Per epoch: the freezing schedule decides (once, before the epoch) whether the backbone
+    trains; frozen epochs run it without autograd and, with a cache, serve its features from
+    the :class:`~dbf_ext.cache.FeatureCache` (hits skip image decoding too). Writes
+    ``log.jsonl`` (one line per epoch) and ``checkpoint.pt`` (resumable with ``resume=True``)
+    to ``config.output_dir``. Axis-aligned boxes (from the DOTA polygons) until a rotated
+    detector exists.
+    """
+    config.validate()
+    console = console or output_console()
+    device = resolve_device(config.device)
+    out = Path(config.output_dir)
+    check_run_folder(config, out)
+    checkpoint_path = out / "checkpoint.pt"
+    state = load_checkpoint(checkpoint_path, map_location=device) if config.resume else None
+    torch.manual_seed(config.seed)
+
+    train_set = _load_dataset(config, "train")
+    val_set = _load_dataset(config, "val", classes=train_set.classes)
+    if state is not None:
+        check_resumable(state, checkpoint_path, config, train_set.classes)
+    out.mkdir(parents=True, exist_ok=True)
+    keyed = KeyedFlipDataset(train_set, hflip=config.hflip, seed=config.seed)
+    model = build_detector(config.model, train_set.num_classes, config.image_size)
+    dbf = apply_dbf(model, config.freeze_schedule())
+    dynamic = None
+    if config.dynamic_rcnn:
+        from dbf_ext.integrations.torchvision import use_dynamic_roi_heads
+
+        dynamic = use_dynamic_roi_heads(model)
+    cache_options = parse_cache_spec(config.cache)
+    cached = None
+    if cache_options:
+        disk_dir = config.cache_dir or (out / "feature_cache" if cache_options["disk_bytes"] else None)
+        cached = CachedBackbone(dbf.backbone, FeatureCache(**cache_options, disk_dir=disk_dir))
+        cached.watch_input_sizes(model.transform)
+        model.backbone.body = cached
+    model.to(device)
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+                                weight_decay=config.weight_decay)
+    # Backbone parameters frozen later are skipped by the optimizer (their grad is None), so
+    # one optimizer over all parameters serves frozen and unfrozen epochs alike.
+    steps_per_epoch = math.ceil(len(keyed) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer,
+        lambda step: min(1.0, (step + 1) / max(1, config.warmup_iters))
+        * 0.5 * (1 + math.cos(math.pi * min(step, total_steps) / total_steps)),
+    )
+    use_amp = config.amp and device.type == "cuda"
+    scaler = torch.amp.GradScaler("cuda", enabled=use_amp)
+
+    history: list[EpochRecord] = []
+    start_epoch = 0
+    log_path = out / "log.jsonl"
+    if state is not None:
+        load_model_weights(model, state, checkpoint_path)
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        dbf.load_state_dict(state["dbf"])
+        if dynamic is not None and state.get("dynamic_rcnn") is not None:
+            dynamic.load_state_dict(state["dynamic_rcnn"])
+        if cached is not None and state.get("cache") is not None:
+            cached.cache.load_state_dict(state["cache"])
+        history = [EpochRecord(**record) for record in state["history"]]
+        start_epoch = state["epoch"] + 1
+        console.print(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
+    else:
+        checkpoint_path.unlink(missing_ok=True)  # --overwrite: no old checkpoint beside a new log
+    rewrite_log(log_path, history)
+
+    dataset = CacheAwareDataset(keyed) if cached is not None else keyed
+    last_evaluation = None
+    for epoch in range(start_epoch, config.epochs):
+        dbf.on_epoch_start(epoch)
+        frozen = dbf.is_frozen
+        keyed.set_epoch(epoch)
+        if cached is not None:
+            dataset.set_epoch(epoch, cached.cache.keys_snapshot())
+        # Seeded per epoch: shuffling and the detector's sampling are the same after a resume.
+        torch.manual_seed(config.seed * 1000 + epoch)
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+                            num_workers=config.workers,
+                            generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
+                            collate_fn=cache_aware_collate if cached is not None else _collate)
+        hits_before = cached.cache.stats.hits if cached is not None else 0
+        lookups_before = (cached.cache.stats.hits + cached.cache.stats.misses) if cached is not None else 0
+        model.train()
+        sums: dict[str, float] = {}
+        images_seen = 0
+        started = time.perf_counter()
+        with progress_bar(console) as progress:
+            task = progress.add_task(f"epoch {epoch}", total=steps_per_epoch,
+                                     state="frozen" if frozen else "trains", info="")
+            for step, batch in enumerate(loader, start=1):
+                images, targets, keys = batch if cached is not None else (*batch, None)
+                images = [image.to(device, non_blocking=True) for image in images]
+                targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                           for t in targets]
+                with torch.autocast(device.type, enabled=use_amp):
+                    if cached is not None:
+                        losses = dataset.call_with_decoding(
+                            functools.partial(_cached_forward, model, cached), images, keys, targets)
+                    else:
+                        losses = model(images, targets)
+                    loss = sum(losses.values())
+                if not torch.isfinite(loss):
+                    parts = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items())
+                    raise FloatingPointError(
+                        f"loss became {loss.item()} in epoch {epoch}, step {step} of "
+                        f"{steps_per_epoch} ({parts}); lower the learning rate (--lr)")
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                scheduler.step()
+                for name, value in losses.items():
+                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(images)
+                images_seen += len(images)
+                rate = images_seen / (time.perf_counter() - started)
+                info = f"loss {float(loss.detach()):.3f}  {rate:.1f} img/s"
+                if cached is not None:
+                    info += f"  cache hits {_hit_rate(cached.cache, hits_before, lookups_before):.0%}"
+                progress.update(task, advance=1, info=info)
+        seconds = time.perf_counter() - started
+        record = EpochRecord(
+            epoch=epoch, frozen=frozen, seconds=seconds, images_per_second=images_seen / seconds,
+            losses={k: v / images_seen for k, v in sums.items()},
+        )
+        if cached is not None:
+            record.cache_hit_rate = _hit_rate(cached.cache, hits_before, lookups_before)
+            record.cache_bytes = sum(cached.cache.bytes_used().values())
+        if dynamic is not None:
+            record.dynamic_rcnn = {"iou_threshold": dynamic.iou_threshold, "beta": dynamic.beta}
+        last = epoch == config.epochs - 1
+        if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
+            last_evaluation = evaluate(model, val_set, device)
+            record.map50 = last_evaluation[0]
+        history.append(record)
+        # Checkpoint first, then the log line: after a crash the log never names an epoch the
+        # checkpoint lacks, and a resume rewrites the log from the checkpoint's history.
+        save_checkpoint(checkpoint_path, {
+            "epoch": epoch,
+            "model": model.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "dbf": dbf.state_dict(),
+            "dynamic_rcnn": dynamic.state_dict() if dynamic is not None else None,
+            "cache": cached.cache.state_dict() if cached is not None else None,
+            "history": [dataclasses.asdict(r) for r in history],
+            "config": dataclasses.asdict(config),
+            "classes": list(train_set.classes),
+        })
+        append_log(log_path, record)
+        console.print(epoch_line(record))
+        if on_epoch_end is not None:
+            on_epoch_end(record)
+
+    if last_evaluation is None:  # resumed after the last epoch
+        last_evaluation = evaluate(model, val_set, device)
+    final_map, per_class = last_evaluation
+    return TrainResult(config, history, train_set.classes, final_map, per_class,
+                       cached.cache.summary() if cached is not None else None)
+
+
+def _cached_forward(model, cached: CachedBackbone, images, keys, targets):
+    with cached.batch_keys(keys):
+        return model(images, targets)
+
+
+def _collate(batch):
+    return [image for image, _ in batch], [target for _, target in batch]
+
+
+def _hit_rate(cache: FeatureCache, hits_before: int, lookups_before: int) -> float:
+    lookups = cache.stats.hits + cache.stats.misses - lookups_before
+    return (cache.stats.hits - hits_before) / lookups if lookups else 0.0
