@@ -10,7 +10,6 @@ through a spatial grid) and the extra memory is ``O(boxes + gts)``.
 from __future__ import annotations
 
 import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,10 +17,12 @@ import torch
 from torch import Tensor
 
 from dbf_ext import _ext
-from dbf_ext._validation import as_integer
-from dbf_ext.ops._checks import (
+from dbf_ext._validation import (
+    as_integer,
+    check_choice,
     check_finite_number,
     check_horizontal_boxes,
+    check_interval,
     check_labels,
     check_rotated_boxes,
     check_same_device,
@@ -162,8 +163,7 @@ def batched_max_iou_assign(
     Returns:
         One :class:`AssignResult` per image, equal to what :func:`max_iou_assign` gives.
     """
-    if box_type not in _BOX_CHECKS:
-        raise ValueError(f"box_type must be one of {tuple(_BOX_CHECKS)}, got {box_type!r}")
+    check_choice("box_type", box_type, tuple(_BOX_CHECKS))
     check_boxes = _BOX_CHECKS[box_type]
     boxes_list, gt_boxes_list = list(boxes_list), list(gt_boxes_list)
     num_images = len(boxes_list)
@@ -188,10 +188,10 @@ def batched_max_iou_assign(
                 f"gt_labels_list[{i}]", gt_labels_list[i], gt_boxes_list[i].shape[0]
             )
     pos_iou_thr = check_finite_number("pos_iou_thr", pos_iou_thr)
-    neg_lo, neg_hi = _check_neg_iou_thr(neg_iou_thr)
+    neg_lo, neg_hi = check_interval("neg_iou_thr", neg_iou_thr)
     min_pos_iou = check_finite_number("min_pos_iou", min_pos_iou)
     ignore_iof_thr = check_finite_number("ignore_iof_thr", ignore_iof_thr)
-    topk = _check_topk(return_topk_iou)
+    topk = None if return_topk_iou is None else as_integer("return_topk_iou", return_topk_iou, 1)
     use_ignore = ignore_iof_thr > 0 and ignore_boxes is not None
     if use_ignore:
         for i, region in enumerate(ignore_boxes):
@@ -245,22 +245,6 @@ def batched_max_iou_assign(
         stat = None if topk is None else kth[i]
         results.append(AssignResult(gt_counts[i], gi, mo, label_parts[i], stat))
     return results
-
-
-def _check_neg_iou_thr(value: object) -> tuple[float, float]:
-    """(lo, hi): negatives have lo <= max overlap < hi; a number means (0, number)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return 0.0, check_finite_number("neg_iou_thr", value)
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return (
-            check_finite_number("neg_iou_thr[0]", value[0]),
-            check_finite_number("neg_iou_thr[1]", value[1]),
-        )
-    raise TypeError(f"neg_iou_thr must be a number or a (lo, hi) pair, got {value!r}")
-
-
-def _check_topk(value: object) -> int | None:
-    return None if value is None else as_integer("return_topk_iou", value, 1)
 
 
 def _or_empty(region: Tensor | None, like: Tensor) -> Tensor:

@@ -27,6 +27,7 @@ import torch
 from torch import Tensor
 
 from dbf_ext import _ext
+from dbf_ext._validation import check_choice
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -65,10 +66,7 @@ class SlabLayout:
     @classmethod
     def for_maps(cls, maps: list[Tensor], storage_dtype: str) -> SlabLayout:
         """The layout for a batch of ``(N, C, H, W)`` maps (all of one dtype)."""
-        if storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(
-                f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}"
-            )
+        check_choice("storage_dtype", storage_dtype, sorted(STORAGE_DTYPES))
         if not maps:
             raise ValueError("a feature cache entry needs at least one feature map")
         map_dtype = maps[0].dtype
