@@ -193,6 +193,17 @@ void bind_feature_cache(py::module_& m) {
 
 void bind_assign(py::module_& m) {
   using dbf_ext::MaxIouAssignArgs;
+  using dbf_ext::MaxIouAssignOptions;
+  // neg_iou_thr, a std::pair, converts from and to a Python (lo, hi) tuple (pybind11/stl.h).
+  py::class_<MaxIouAssignOptions>(m, "MaxIouAssignOptions")
+      .def(py::init<>())
+      .def_readwrite("pos_iou_thr", &MaxIouAssignOptions::pos_iou_thr)
+      .def_readwrite("neg_iou_thr", &MaxIouAssignOptions::neg_iou_thr)
+      .def_readwrite("min_pos_iou", &MaxIouAssignOptions::min_pos_iou)
+      .def_readwrite("gt_max_assign_all", &MaxIouAssignOptions::gt_max_assign_all)
+      .def_readwrite("match_low_quality", &MaxIouAssignOptions::match_low_quality)
+      .def_readwrite("ignore_iof_thr", &MaxIouAssignOptions::ignore_iof_thr)
+      .def_readwrite("ignore_wrt_candidates", &MaxIouAssignOptions::ignore_wrt_candidates);
   py::class_<MaxIouAssignArgs>(m, "MaxIouAssignArgs")
       .def(py::init<>())
       .def_readwrite("box_kind", &MaxIouAssignArgs::box_kind)
@@ -207,14 +218,7 @@ void bind_assign(py::module_& m) {
       .def_readwrite("max_boxes_per_image", &MaxIouAssignArgs::max_boxes_per_image)
       .def_readwrite("max_gts_per_image", &MaxIouAssignArgs::max_gts_per_image)
       .def_readwrite("gt_labels", &MaxIouAssignArgs::gt_labels)
-      .def_readwrite("pos_iou_thr", &MaxIouAssignArgs::pos_iou_thr)
-      .def_readwrite("neg_iou_lo", &MaxIouAssignArgs::neg_iou_lo)
-      .def_readwrite("neg_iou_hi", &MaxIouAssignArgs::neg_iou_hi)
-      .def_readwrite("min_pos_iou", &MaxIouAssignArgs::min_pos_iou)
-      .def_readwrite("gt_max_assign_all", &MaxIouAssignArgs::gt_max_assign_all)
-      .def_readwrite("match_low_quality", &MaxIouAssignArgs::match_low_quality)
-      .def_readwrite("ignore_iof_thr", &MaxIouAssignArgs::ignore_iof_thr)
-      .def_readwrite("ignore_wrt_candidates", &MaxIouAssignArgs::ignore_wrt_candidates)
+      .def_readwrite("options", &MaxIouAssignArgs::options)
       .def_readwrite("gt_inds", &MaxIouAssignArgs::gt_inds)
       .def_readwrite("max_overlaps", &MaxIouAssignArgs::max_overlaps)
       .def_readwrite("labels", &MaxIouAssignArgs::labels)

@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import os
 import zlib
 
+import numpy as np
 import pytest
 import torch
 
-from dbf_ext.assign import AssignResult, batched_max_iou_assign, max_iou_assign
+from dbf_ext import _ext
+from dbf_ext.assign import AssignResult, MaxIoUAssignOptions, batched_max_iou_assign, max_iou_assign
 from dbf_ext.assign._reference import max_iou_assign_reference
 from dbf_ext.boxes import hbb2obb
 from dbf_ext.testing import fpn_anchors, no_host_sync, peak_resident_mib, random_rotated_boxes
@@ -335,6 +338,43 @@ class TestBadInput:
                                    neg_iou_thr=0.4, ignore_boxes=[None, None], ignore_iof_thr=0.5)
 
 
+class TestOptions:
+    def test_checked_and_normalised_once(self):
+        options = MaxIoUAssignOptions(pos_iou_thr=np.float32(0.5), neg_iou_thr=0.4,
+                                      gt_max_assign_all=0)
+        assert options.neg_iou_thr == (0.0, 0.4) and options.gt_max_assign_all is False
+        assert type(options.pos_iou_thr) is float
+        assert MaxIoUAssignOptions(pos_iou_thr=0.5, neg_iou_thr=[0.1, 0.3]).neg_iou_thr == (0.1, 0.3)
+        with pytest.raises(ValueError, match="min_pos_iou must be finite"):
+            MaxIoUAssignOptions(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=math.inf)
+        with pytest.raises(ValueError, match=r"neg_iou_thr\[1\] must be finite"):
+            dataclasses.replace(options, neg_iou_thr=(0.0, math.nan))  # replace checks too
+        with pytest.raises(dataclasses.FrozenInstanceError):
+            options.pos_iou_thr = 0.7
+
+    def test_op_values_round_trip(self):
+        options = MaxIoUAssignOptions(pos_iou_thr=0.7, neg_iou_thr=(0.1, 0.3), min_pos_iou=0.2,
+                                      gt_max_assign_all=False, match_low_quality=True,
+                                      ignore_iof_thr=0.5, ignore_wrt_candidates=False)
+        values = options.op_values()
+        assert values == [0.7, 0.1, 0.3, 0.2, 0.0, 1.0, 0.5, 0.0]
+        assert MaxIoUAssignOptions.from_op_values(values) == options
+
+    def test_kernel_struct_has_the_same_fields(self):
+        """The kernels' options are filled by field name: a field missing on either side fails."""
+        native = _ext.extension().MaxIouAssignOptions()
+        members = {name for name in dir(native) if not name.startswith("_")}
+        assert members == {field.name for field in dataclasses.fields(MaxIoUAssignOptions)}
+
+    def test_asdict_passes_the_options(self):
+        generator = torch.Generator().manual_seed(3)
+        boxes, gts, labels, _ = make_case("hbb", 6, 50, generator)
+        options = MaxIoUAssignOptions(pos_iou_thr=0.5, neg_iou_thr=(0.1, 0.4), min_pos_iou=0.2,
+                                      gt_max_assign_all=False)
+        got = max_iou_assign(boxes, gts, labels, **dataclasses.asdict(options))
+        assert_same(got, max_iou_assign_reference(boxes, gts, labels, **dataclasses.asdict(options)))
+
+
 def test_opcheck(device):
     generator = torch.Generator().manual_seed(29)
     boxes, gts, labels, ignore = (t.to(device) for t in make_case("obb", 6, 40, generator))
@@ -344,8 +384,10 @@ def test_opcheck(device):
     ignore_offsets = torch.tensor([0, ignore.shape[0]], device=device)
     topk = torch.tensor([5], device=device)
     for all_boxes in (True, False):
-        args = (boxes, gts, labels, ignore, offsets, gt_offsets, ignore_offsets, topk, "obb", 0.5,
-                0.0, 0.4, 0.2, all_boxes, True, 0.5, True, num_boxes, gts.shape[0])
+        options = MaxIoUAssignOptions(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.2,
+                                      gt_max_assign_all=all_boxes, ignore_iof_thr=0.5)
+        args = (boxes, gts, labels, ignore, offsets, gt_offsets, ignore_offsets, topk, "obb",
+                options.op_values(), num_boxes, gts.shape[0])
         torch.library.opcheck(torch.ops.dbf_ext.max_iou_assign.default, args)
 
 

@@ -21,6 +21,7 @@ import dbf_ext.integrations.torchvision as tv_integration
 from dbf_ext.assign import (
     DynamicRCNNController,
     DynamicSmoothL1Loss,
+    MaxIoUAssignOptions,
     batched_max_iou_assign,
 )
 from dbf_ext.integrations.torchvision import DynamicRoIHeads, use_dynamic_roi_heads
@@ -283,6 +284,25 @@ def test_assignment_follows_mmdetection_with_gts_added_after():
     assert matched[0].tolist() == (result.gt_inds - 1).clamp(min=0).tolist() + [0, 1, 2, 3]
     want = torch.where(result.gt_inds > 0, result.labels, 0).tolist() + labels.tolist()
     assert box_labels[0].tolist() == want
+
+
+def test_assigner_flags_kept_thresholds_follow_the_controller():
+    model = tiny_faster_rcnn()
+    controller = DynamicRCNNController(initial_iou=0.4)
+    use_dynamic_roi_heads(model, controller, gt_max_assign_all=False)
+    heads = model.roi_heads
+    assert heads.assign_options == MaxIoUAssignOptions(
+        pos_iou_thr=0.4, neg_iou_thr=0.4, min_pos_iou=0.4, gt_max_assign_all=False)
+    controller.iou_threshold = 0.6
+    generator = torch.Generator().manual_seed(5)
+    proposals, gts, labels = random_image(generator, 3, 20)
+    matched, _ = heads.assign_targets_to_proposals(heads.add_gt_proposals([proposals], [gts]),
+                                                   [gts], [labels])
+    assert heads.assign_options == MaxIoUAssignOptions(
+        pos_iou_thr=0.6, neg_iou_thr=0.6, min_pos_iou=0.6, gt_max_assign_all=False)
+    result = batched_max_iou_assign([proposals], [gts], [labels], pos_iou_thr=0.6,
+                                    neg_iou_thr=0.6, min_pos_iou=0.6, gt_max_assign_all=False)[0]
+    assert matched[0][:20].tolist() == (result.gt_inds - 1).clamp(min=0).tolist()
 
 
 def test_swap_keeps_inference_and_weights():

@@ -8,6 +8,7 @@
 // runs the kernel (host memory for the CPU kernel).
 #pragma once
 #include <cstdint>
+#include <utility>
 
 #include "common/types.h"
 
@@ -15,6 +16,19 @@ namespace dbf_ext {
 
 // Box layouts, exported to Python as _C.BOX_KIND_CODES.
 enum class BoxKind : int { Horizontal = 0, Rotated = 1 };
+
+// MaxIoUAssigner's options: the fields of the Python dataclass MaxIoUAssignOptions
+// (dbf_ext/ops/max_iou_assign.py, which states their meaning) under the same names; Python fills
+// this struct field by field from it.
+struct MaxIouAssignOptions {
+  double pos_iou_thr = 0.5;
+  std::pair<double, double> neg_iou_thr{0.0, 0.5};  // (lo, hi): lo <= max overlap < hi
+  double min_pos_iou = 0.0;
+  bool gt_max_assign_all = true;
+  bool match_low_quality = true;
+  double ignore_iof_thr = -1.0;  // a box is ignored when its max iof exceeds this
+  bool ignore_wrt_candidates = true;
+};
 
 struct MaxIouAssignArgs {
   int box_kind = 0;  // BoxKind code: 0 = (x1, y1, x2, y2), 1 = (cx, cy, w, h, theta) clockwise
@@ -30,14 +44,7 @@ struct MaxIouAssignArgs {
   std::int64_t max_gts_per_image = 0;
   std::uintptr_t gt_labels = 0;  // int64 (total gts); 0 = no labels are written
 
-  double pos_iou_thr = 0.5;
-  double neg_iou_lo = 0.0;  // negatives: neg_iou_lo <= max overlap < neg_iou_hi
-  double neg_iou_hi = 0.5;
-  double min_pos_iou = 0.0;
-  bool gt_max_assign_all = true;
-  bool match_low_quality = true;
-  double ignore_iof_thr = -1.0;  // a box is ignored when its max iof exceeds this
-  bool ignore_wrt_candidates = true;
+  MaxIouAssignOptions options{};
 
   std::uintptr_t gt_inds = 0;       // int64 (total boxes), written
   std::uintptr_t max_overlaps = 0;  // dtype (total boxes), written

@@ -91,10 +91,11 @@ template <typename T>
 struct Thresholds {
   T pos, neg_lo, neg_hi, min_pos, ignore_iof;
 
-  static Thresholds from(const MaxIouAssignArgs& args) {
-    return Thresholds{static_cast<T>(args.pos_iou_thr), static_cast<T>(args.neg_iou_lo),
-                      static_cast<T>(args.neg_iou_hi), static_cast<T>(args.min_pos_iou),
-                      static_cast<T>(args.ignore_iof_thr)};
+  static Thresholds from(const MaxIouAssignOptions& options) {
+    return Thresholds{static_cast<T>(options.pos_iou_thr),
+                      static_cast<T>(options.neg_iou_thr.first),
+                      static_cast<T>(options.neg_iou_thr.second),
+                      static_cast<T>(options.min_pos_iou), static_cast<T>(options.ignore_iof_thr)};
   }
 };
 

@@ -193,7 +193,7 @@ class CpuAssigner {
   CpuAssigner(const MaxIouAssignArgs& args, int num_threads)
       : a_(args),
         threads_(num_threads),
-        thr_(Thresholds<T>::from(args)),
+        thr_(Thresholds<T>::from(args.options)),
         box_offsets_(reinterpret_cast<const std::int64_t*>(args.box_offsets)),
         gt_offsets_(reinterpret_cast<const std::int64_t*>(args.gt_offsets)),
         gt_inds_(reinterpret_cast<std::int64_t*>(args.gt_inds)),
@@ -206,18 +206,18 @@ class CpuAssigner {
   }
 
   void run() {
-    const bool track_gt_max = a_.match_low_quality;
+    const bool track_gt_max = a_.options.match_low_quality;
     make_chunks(track_gt_max);
     parallel_for(static_cast<std::int64_t>(chunks_.size()), 1, threads_,
                  [&](std::int64_t begin, std::int64_t end) {
                    for (std::int64_t c = begin; c < end; ++c) first_pass(chunks_[c], track_gt_max);
                  });
     if (a_.topk != 0) write_kth_largest();
-    if (a_.match_low_quality) {
+    if (a_.options.match_low_quality) {
       reduce_gt_maxima();
-      if (!a_.gt_max_assign_all) scatter_low_quality_argmax();
+      if (!a_.options.gt_max_assign_all) scatter_low_quality_argmax();
     }
-    const bool match_all = a_.match_low_quality && a_.gt_max_assign_all;
+    const bool match_all = a_.options.match_low_quality && a_.options.gt_max_assign_all;
     if (match_all || a_.labels != 0) {
       parallel_for(static_cast<std::int64_t>(chunks_.size()), 1, threads_,
                    [&](std::int64_t begin, std::int64_t end) {
@@ -257,7 +257,7 @@ class CpuAssigner {
     }
     image_chunk_begin_[a_.num_images] = static_cast<std::int64_t>(chunks_.size());
     partial_max_.assign(static_cast<size_t>(partial_size), T(0));
-    if (track_gt_max && !a_.gt_max_assign_all) {
+    if (track_gt_max && !a_.options.gt_max_assign_all) {
       partial_argmax_.assign(static_cast<size_t>(partial_size), 0);
     }
   }
@@ -269,8 +269,8 @@ class CpuAssigner {
         ignore.boxes.data() + reinterpret_cast<const std::int64_t*>(a_.ignore_offsets)[img];
     T max_iof = T(0);
     ignore.grids[img].for_each_candidate(Kind::bounds(box), [&](std::int64_t k) {
-      const T iof = a_.ignore_wrt_candidates ? Kind::overlap(box, image_ignore[k], true)
-                                             : Kind::overlap(image_ignore[k], box, true);
+      const T iof = a_.options.ignore_wrt_candidates ? Kind::overlap(box, image_ignore[k], true)
+                                                     : Kind::overlap(image_ignore[k], box, true);
       max_iof = std::max(max_iof, iof);
     });
     return max_iof > thr_.ignore_iof;
@@ -326,7 +326,7 @@ class CpuAssigner {
   // correspondingly the first tested maximiser, the first non-ignored box, or box 0.
   void reduce_gt_maxima() {
     gt_max_.assign(static_cast<size_t>(gt_offsets_[a_.num_images]), T(0));
-    if (!a_.gt_max_assign_all) gt_argmax_box_.assign(gt_max_.size(), 0);
+    if (!a_.options.gt_max_assign_all) gt_argmax_box_.assign(gt_max_.size(), 0);
     parallel_for(a_.num_images, 1, threads_, [&](std::int64_t begin, std::int64_t end) {
       for (std::int64_t img = begin; img < end; ++img) {
         const std::int64_t g0 = gt_offsets_[img], g_count = num_gts(img);

@@ -138,8 +138,8 @@ Problem<T> make_problem(const MaxIouAssignArgs& a) {
   p.ignore_offsets = reinterpret_cast<Offsets>(a.ignore_offsets);
   p.num_images = a.num_images;
   p.gt_labels = reinterpret_cast<const long long*>(a.gt_labels);
-  p.thr = Thresholds<T>::from(a);
-  p.ignore_wrt_candidates = a.ignore_wrt_candidates;
+  p.thr = Thresholds<T>::from(a.options);
+  p.ignore_wrt_candidates = a.options.ignore_wrt_candidates;
   p.gt_inds = reinterpret_cast<long long*>(a.gt_inds);
   p.max_overlaps = reinterpret_cast<T*>(a.max_overlaps);
   p.labels = reinterpret_cast<long long*>(a.labels);
@@ -484,16 +484,17 @@ void launch(const MaxIouAssignArgs& args, cudaStream_t stream) {
       static_cast<unsigned int>(args.num_images < kMaxGridY ? args.num_images : kMaxGridY);
   const dim3 box_grid(blocks_for(args.max_boxes_per_image, kBlock), image_blocks);
   const bool has_ignore = args.ignore_offsets != 0;
+  const bool match_low_quality = args.options.match_low_quality;
   if (has_ignore) {
     mark_ignored_kernel<Kind><<<box_grid, kBlock, 0, stream>>>(p);
     check_launch("max_iou_assign mark_ignored_kernel");
   }
-  first_pass_kernel<Kind><<<box_grid, kBlock, 0, stream>>>(p, has_ignore, args.match_low_quality);
+  first_pass_kernel<Kind><<<box_grid, kBlock, 0, stream>>>(p, has_ignore, match_low_quality);
   check_launch("max_iou_assign first_pass_kernel");
-  if (args.match_low_quality && args.gt_max_assign_all) {
+  if (match_low_quality && args.options.gt_max_assign_all) {
     match_all_kernel<Kind><<<box_grid, kBlock, 0, stream>>>(p);
     check_launch("max_iou_assign match_all_kernel");
-  } else if (args.match_low_quality) {
+  } else if (match_low_quality) {
     first_maximiser_kernel<Kind><<<box_grid, kBlock, 0, stream>>>(p);
     check_launch("max_iou_assign first_maximiser_kernel");
     const dim3 gt_grid(blocks_for(args.max_gts_per_image, kBlock), image_blocks);

@@ -11,7 +11,7 @@ import torch
 import torchvision
 from torch import Tensor
 
-from dbf_ext.assign.max_iou import AssignResult
+from dbf_ext.assign import AssignResult, MaxIoUAssignOptions
 from dbf_ext.ops import box_iou_rotated
 
 
@@ -34,25 +34,21 @@ def max_iou_assign_reference(
     gt_boxes: Tensor,
     gt_labels: Tensor | None = None,
     *,
-    pos_iou_thr: float,
-    neg_iou_thr: float | tuple[float, float],
-    min_pos_iou: float = 0.0,
-    gt_max_assign_all: bool = True,
-    match_low_quality: bool = True,
     ignore_boxes: Tensor | None = None,
-    ignore_iof_thr: float = -1.0,
-    ignore_wrt_candidates: bool = True,
     box_type: str = "hbb",
+    **options,
 ) -> AssignResult:
-    """Same contract as :func:`dbf_ext.assign.max_iou_assign` (without the statistic)."""
+    """Same contract as :func:`dbf_ext.assign.max_iou_assign` (without the statistic);
+    ``options`` are the fields of :class:`~dbf_ext.assign.MaxIoUAssignOptions`."""
+    options = MaxIoUAssignOptions(**options)
     overlaps = dense_overlaps(gt_boxes, boxes, box_type)
-    if (ignore_iof_thr > 0 and ignore_boxes is not None and ignore_boxes.numel() > 0
+    if (options.ignore_iof_thr > 0 and ignore_boxes is not None and ignore_boxes.numel() > 0
             and boxes.numel() > 0):
-        if ignore_wrt_candidates:
+        if options.ignore_wrt_candidates:
             ignore_max = dense_overlaps(boxes, ignore_boxes, box_type, "iof").max(dim=1).values
         else:
             ignore_max = dense_overlaps(ignore_boxes, boxes, box_type, "iof").max(dim=0).values
-        overlaps[:, ignore_max > ignore_iof_thr] = -1
+        overlaps[:, ignore_max > options.ignore_iof_thr] = -1
 
     num_gts, num_boxes = overlaps.shape
     gt_inds = overlaps.new_full((num_boxes,), -1, dtype=torch.long)
@@ -64,17 +60,14 @@ def max_iou_assign_reference(
 
     max_overlaps, argmax_overlaps = overlaps.max(dim=0)
     gt_max_overlaps, gt_argmax_overlaps = overlaps.max(dim=1)
-    if isinstance(neg_iou_thr, tuple):
-        lo, hi = neg_iou_thr
-    else:
-        lo, hi = 0, neg_iou_thr
+    lo, hi = options.neg_iou_thr
     gt_inds[(max_overlaps >= lo) & (max_overlaps < hi)] = 0
-    positive = max_overlaps >= pos_iou_thr
+    positive = max_overlaps >= options.pos_iou_thr
     gt_inds[positive] = argmax_overlaps[positive] + 1
-    if match_low_quality:
+    if options.match_low_quality:
         for g in range(num_gts):
-            if gt_max_overlaps[g] >= min_pos_iou:
-                if gt_max_assign_all:
+            if gt_max_overlaps[g] >= options.min_pos_iou:
+                if options.gt_max_assign_all:
                     gt_inds[overlaps[g, :] == gt_max_overlaps[g]] = g + 1
                 else:
                     gt_inds[gt_argmax_overlaps[g]] = g + 1

@@ -26,8 +26,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from dbf_ext._validation import as_integer
-from dbf_ext.ops._checks import check_finite_number
+from dbf_ext._validation import as_integer, check_finite_number
 
 # mmdetection's bound under which the median beta is taken as degenerate (beta left unchanged).
 _MIN_BETA = 1e-15
@@ -72,11 +71,9 @@ class DynamicRCNNController:
         initial_beta: float = 1.0,
         distributed: bool = False,
     ):
-        self.iou_topk = _check_positive_int("iou_topk", iou_topk)
-        self.beta_topk = _check_positive_int("beta_topk", beta_topk)
-        self.update_iter_interval = _check_positive_int(
-            "update_iter_interval", update_iter_interval
-        )
+        self.iou_topk = as_integer("iou_topk", iou_topk, 1)
+        self.beta_topk = as_integer("beta_topk", beta_topk, 1)
+        self.update_iter_interval = as_integer("update_iter_interval", update_iter_interval, 1)
         self.initial_iou = check_finite_number("initial_iou", initial_iou)
         self.initial_beta = check_finite_number("initial_beta", initial_beta)
         if self.initial_beta < 0:
@@ -120,7 +117,7 @@ class DynamicRCNNController:
         num_positives = positive_targets.shape[0]
         if num_positives == 0:
             return
-        k = min(self.beta_topk * _check_positive_int("num_images", num_images), num_positives)
+        k = min(self.beta_topk * as_integer("num_images", num_images, 1), num_positives)
         centre_offsets = positive_targets.detach()[:, :2].abs().mean(dim=1)
         self.beta_history.append(float(torch.kthvalue(centre_offsets, k).values))
 
@@ -171,10 +168,6 @@ class DynamicRCNNController:
             f"iteration={self.iteration}, iou_topk={self.iou_topk}, beta_topk={self.beta_topk}, "
             f"update_iter_interval={self.update_iter_interval})"
         )
-
-
-def _check_positive_int(name: str, value: object) -> int:
-    return as_integer(name, value, 1)
 
 
 def _to_floats(values: Tensor | Sequence[float | Tensor]) -> list[float]:

@@ -1,4 +1,4 @@
-"""Fused MaxIoU label assignment (CPU and CUDA kernels in csrc/assign/).
+"""Fused MaxIoU label assignment (the operator in dbf_ext/ops/max_iou_assign.py).
 
 mmdetection's ``MaxIoUAssigner`` (``assign`` with ``assign_wrt_overlaps``) for axis-aligned and
 rotated boxes, without the ``(num_gts, num_boxes)`` overlap matrix: 200k anchors against 2000
@@ -9,8 +9,6 @@ through a spatial grid) and the extra memory is ``O(boxes + gts)``.
 
 from __future__ import annotations
 
-import math
-import numbers
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -18,17 +16,17 @@ import torch
 from torch import Tensor
 
 from dbf_ext import _ext
-from dbf_ext._validation import as_integer
-from dbf_ext.ops._checks import (
-    check_finite_number,
+from dbf_ext._validation import (
+    as_integer,
+    check_choice,
     check_horizontal_boxes,
     check_labels,
     check_rotated_boxes,
     check_same_device,
 )
+from dbf_ext.ops.max_iou_assign import MaxIoUAssignOptions, max_iou_assign_packed
 
 _BOX_CHECKS = {"hbb": check_horizontal_boxes, "obb": check_rotated_boxes}
-_INT64_MAX = torch.iinfo(torch.int64).max
 
 
 @dataclass(eq=False)
@@ -101,7 +99,9 @@ def max_iou_assign(
         gt_boxes: ``(G, 4)`` or ``(G, 5)`` gt boxes.
         gt_labels: optional ``(G,)`` integer labels; ``labels`` of the result is None without.
         pos_iou_thr, neg_iou_thr, min_pos_iou, gt_max_assign_all, match_low_quality,
-        ignore_iof_thr, ignore_wrt_candidates: as in mmdetection's MaxIoUAssigner.
+        ignore_iof_thr, ignore_wrt_candidates: as in mmdetection's MaxIoUAssigner; the fields
+            of :class:`~dbf_ext.assign.MaxIoUAssignOptions` (``**dataclasses.asdict(options)``
+            passes one).
         ignore_boxes: optional ``(K, 4)`` / ``(K, 5)`` regions to ignore.
         box_type: ``"hbb"`` (IoU as mmdetection's ``bbox_overlaps`` and torchvision's
             ``box_iou``: areas without +1) or ``"obb"`` (IoU of ``box_iou_rotated``).
@@ -162,8 +162,7 @@ def batched_max_iou_assign(
     Returns:
         One :class:`AssignResult` per image, equal to what :func:`max_iou_assign` gives.
     """
-    if box_type not in _BOX_CHECKS:
-        raise ValueError(f"box_type must be one of {tuple(_BOX_CHECKS)}, got {box_type!r}")
+    check_choice("box_type", box_type, tuple(_BOX_CHECKS))
     check_boxes = _BOX_CHECKS[box_type]
     boxes_list, gt_boxes_list = list(boxes_list), list(gt_boxes_list)
     num_images = len(boxes_list)
@@ -187,12 +186,17 @@ def batched_max_iou_assign(
             label_tensors[f"gt_labels_list[{i}]"] = check_labels(
                 f"gt_labels_list[{i}]", gt_labels_list[i], gt_boxes_list[i].shape[0]
             )
-    pos_iou_thr = check_finite_number("pos_iou_thr", pos_iou_thr)
-    neg_lo, neg_hi = _check_neg_iou_thr(neg_iou_thr)
-    min_pos_iou = check_finite_number("min_pos_iou", min_pos_iou)
-    ignore_iof_thr = check_finite_number("ignore_iof_thr", ignore_iof_thr)
-    topk = _check_topk(return_topk_iou)
-    use_ignore = ignore_iof_thr > 0 and ignore_boxes is not None
+    options = MaxIoUAssignOptions(
+        pos_iou_thr=pos_iou_thr,
+        neg_iou_thr=neg_iou_thr,
+        min_pos_iou=min_pos_iou,
+        gt_max_assign_all=gt_max_assign_all,
+        match_low_quality=match_low_quality,
+        ignore_iof_thr=ignore_iof_thr,
+        ignore_wrt_candidates=ignore_wrt_candidates,
+    )
+    topk = None if return_topk_iou is None else as_integer("return_topk_iou", return_topk_iou, 1)
+    use_ignore = options.ignore_iof_thr > 0 and ignore_boxes is not None
     if use_ignore:
         for i, region in enumerate(ignore_boxes):
             if region is not None:
@@ -212,7 +216,7 @@ def batched_max_iou_assign(
         extra = gt_counts if topk_with_gts else [0] * num_images
         topk_counts = [min(topk, n + e) for n, e in zip(box_counts, extra)]
         in_boxes = [k - e for k, e in zip(topk_counts, extra)]
-    gt_inds, max_overlaps, labels, kth = _max_iou_assign_op(
+    gt_inds, max_overlaps, labels, kth = max_iou_assign_packed(
         _pack(boxes_list, compute),
         _pack(gt_boxes_list, compute),
         None if gt_labels_list is None else _pack(gt_labels_list, torch.int64).contiguous(),
@@ -222,14 +226,7 @@ def batched_max_iou_assign(
         _offsets([r.shape[0] for r in ignore_list], device) if use_ignore else None,
         None if topk is None else _ext.host_values_to(device, in_boxes, torch.int64),
         box_type,
-        pos_iou_thr,
-        neg_lo,
-        neg_hi,
-        min_pos_iou,
-        bool(gt_max_assign_all),
-        bool(match_low_quality),
-        ignore_iof_thr,
-        bool(ignore_wrt_candidates),
+        options,
         max(box_counts),
         max(gt_counts),
     )
@@ -245,22 +242,6 @@ def batched_max_iou_assign(
         stat = None if topk is None else kth[i]
         results.append(AssignResult(gt_counts[i], gi, mo, label_parts[i], stat))
     return results
-
-
-def _check_neg_iou_thr(value: object) -> tuple[float, float]:
-    """(lo, hi): negatives have lo <= max overlap < hi; a number means (0, number)."""
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return 0.0, check_finite_number("neg_iou_thr", value)
-    if isinstance(value, (tuple, list)) and len(value) == 2:
-        return (
-            check_finite_number("neg_iou_thr[0]", value[0]),
-            check_finite_number("neg_iou_thr[1]", value[1]),
-        )
-    raise TypeError(f"neg_iou_thr must be a number or a (lo, hi) pair, got {value!r}")
-
-
-def _check_topk(value: object) -> int | None:
-    return None if value is None else as_integer("return_topk_iou", value, 1)
 
 
 def _or_empty(region: Tensor | None, like: Tensor) -> Tensor:
@@ -287,102 +268,3 @@ def _offsets(counts: list[int], device: torch.device) -> Tensor:
     for count in counts:
         starts.append(starts[-1] + count)
     return _ext.host_values_to(device, starts, torch.int64)
-
-
-def _output_shapes(boxes: Tensor, box_offsets: Tensor, with_labels: bool, with_topk: bool):
-    total, num_images = boxes.shape[0], box_offsets.shape[0] - 1
-    return total, (total if with_labels else 0), (num_images if with_topk else 0)
-
-
-@torch.library.custom_op("dbf_ext::max_iou_assign", mutates_args=())
-def _max_iou_assign_op(
-    boxes: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor | None,
-    ignore_boxes: Tensor | None,
-    box_offsets: Tensor,
-    gt_offsets: Tensor,
-    ignore_offsets: Tensor | None,
-    topk: Tensor | None,
-    box_type: str,
-    pos_iou_thr: float,
-    neg_iou_lo: float,
-    neg_iou_hi: float,
-    min_pos_iou: float,
-    gt_max_assign_all: bool,
-    match_low_quality: bool,
-    ignore_iof_thr: float,
-    ignore_wrt_candidates: bool,
-    max_boxes_per_image: int,
-    max_gts_per_image: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Packed images; returns gt_inds, max_overlaps, labels (empty without gt_labels) and the
-    k-th largest max overlap per image for k = topk[i] (NaN outside [1, boxes]; empty without
-    topk)."""
-    device, dtype = boxes.device, boxes.dtype
-    total, label_count, topk_count = _output_shapes(
-        boxes, box_offsets, gt_labels is not None, topk is not None
-    )
-    gt_inds = torch.empty(total, dtype=torch.int64, device=device)
-    max_overlaps = torch.empty(total, dtype=dtype, device=device)
-    labels = torch.empty(label_count, dtype=torch.int64, device=device)
-    kth = torch.empty(topk_count, dtype=dtype, device=device)
-    if total == 0:
-        return gt_inds, max_overlaps, labels, kth.fill_(math.nan)
-
-    ext = _ext.extension()
-    args = ext.MaxIouAssignArgs()
-    args.box_kind = ext.BOX_KIND_CODES[box_type]
-    args.dtype = _ext.dtype_code(dtype)
-    args.num_images = box_offsets.shape[0] - 1
-    args.boxes = _ext.box_view(boxes)
-    args.gts = _ext.box_view(gt_boxes)
-    args.box_offsets = box_offsets.data_ptr()
-    args.gt_offsets = gt_offsets.data_ptr()
-    if ignore_offsets is not None:
-        args.ignore = _ext.box_view(ignore_boxes)
-        args.ignore_offsets = ignore_offsets.data_ptr()
-    args.max_boxes_per_image = max_boxes_per_image
-    args.max_gts_per_image = max_gts_per_image
-    args.pos_iou_thr = pos_iou_thr
-    args.neg_iou_lo = neg_iou_lo
-    args.neg_iou_hi = neg_iou_hi
-    args.min_pos_iou = min_pos_iou
-    args.gt_max_assign_all = gt_max_assign_all
-    args.match_low_quality = match_low_quality
-    args.ignore_iof_thr = ignore_iof_thr
-    args.ignore_wrt_candidates = ignore_wrt_candidates
-    args.gt_inds = gt_inds.data_ptr()
-    args.max_overlaps = max_overlaps.data_ptr()
-    if gt_labels is not None:
-        args.gt_labels = gt_labels.data_ptr()
-        args.labels = labels.data_ptr()
-    if topk is not None:
-        args.topk = topk.data_ptr()
-        args.kth_largest = kth.data_ptr()
-    if device.type == "cuda":
-        # Scratch through torch's caching allocator (csrc/assign/assign.h says what each holds).
-        total_gts = gt_boxes.shape[0]
-        gt_max = torch.zeros(total_gts, dtype=dtype, device=device)
-        first_live = torch.full((args.num_images,), _INT64_MAX, dtype=torch.int64, device=device)
-        args.gt_max = gt_max.data_ptr()
-        args.image_first_live = first_live.data_ptr()
-        if match_low_quality and not gt_max_assign_all:
-            gt_argmax_box = torch.full((total_gts,), _INT64_MAX, dtype=torch.int64, device=device)
-            args.gt_argmax_box = gt_argmax_box.data_ptr()
-    _ext.launch("max_iou_assign", device, args)
-    return gt_inds, max_overlaps, labels, kth
-
-
-@_max_iou_assign_op.register_fake
-def _(boxes, gt_boxes, gt_labels, ignore_boxes, box_offsets, gt_offsets, ignore_offsets, topk,
-      *options):
-    total, label_count, topk_count = _output_shapes(
-        boxes, box_offsets, gt_labels is not None, topk is not None
-    )
-    return (
-        boxes.new_empty(total, dtype=torch.int64),
-        boxes.new_empty(total),
-        boxes.new_empty(label_count, dtype=torch.int64),
-        boxes.new_empty(topk_count),
-    )

@@ -1,4 +1,5 @@
-"""Storage slabs of cached feature maps and the pack / unpack kernels that fill and read them.
+"""Storage slabs of cached feature maps, filled and read by the pack / unpack kernels
+(dbf_ext/ops/feature_cache.py).
 
 One *slab* holds all feature maps of one sample in the storage dtype: for each level, its
 ``C x H x W`` values (channel-major), then for ``float8_e4m3`` one float32 scale per channel.
@@ -27,6 +28,8 @@ import torch
 from torch import Tensor
 
 from dbf_ext import _ext
+from dbf_ext._validation import check_choice
+from dbf_ext.ops.feature_cache import pack_features, unpack_features
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -65,10 +68,7 @@ class SlabLayout:
     @classmethod
     def for_maps(cls, maps: list[Tensor], storage_dtype: str) -> SlabLayout:
         """The layout for a batch of ``(N, C, H, W)`` maps (all of one dtype)."""
-        if storage_dtype not in STORAGE_DTYPES:
-            raise ValueError(
-                f"storage_dtype must be one of {sorted(STORAGE_DTYPES)}, got {storage_dtype!r}"
-            )
+        check_choice("storage_dtype", storage_dtype, sorted(STORAGE_DTYPES))
         if not maps:
             raise ValueError("a feature cache entry needs at least one feature map")
         map_dtype = maps[0].dtype
@@ -100,23 +100,6 @@ class SlabLayout:
             m.dtype == self.map_dtype and tuple(m.shape[1:]) == s for m, s in zip(maps, self.shapes)
         )
 
-    def _level_tuples(self, maps: list[Tensor]) -> list[tuple[int, ...]]:
-        return [
-            (m.data_ptr(), *self.shapes[i], *m.stride(), self.value_offsets[i], self.scale_offsets[i])
-            for i, m in enumerate(maps)
-        ]
-
-    def _launch(self, kernel: str, maps: list[Tensor], slab_addresses: Tensor) -> None:
-        _ext.launch(
-            kernel,
-            maps[0].device,
-            self._level_tuples(maps),
-            _ext.dtype_code(self.map_dtype),
-            _ext.dtype_code(STORAGE_DTYPES[self.storage_dtype]),
-            slab_addresses.shape[0],
-            slab_addresses.data_ptr(),
-        )
-
     def pack(self, maps: list[Tensor], slabs: Tensor) -> None:
         """Writes sample ``n`` of every ``(N, C, H, W)`` map into row ``n`` of ``slabs``.
 
@@ -126,7 +109,8 @@ class SlabLayout:
         """
         self._check_slabs(slabs, maps)
         if slabs.shape[0]:
-            self._launch("pack_features", maps, _row_addresses(slabs))
+            pack_features(maps, self.value_offsets, self.scale_offsets,
+                          STORAGE_DTYPES[self.storage_dtype], _row_addresses(slabs))
 
     def unpack(self, rows: list[Tensor]) -> list[Tensor]:
         """The feature maps stored in slab ``rows`` (each ``(slab_bytes,)`` uint8, anywhere in
@@ -145,7 +129,8 @@ class SlabLayout:
                 raise ValueError("slab rows must be contiguous")
         if rows:
             addresses = _ext.host_values_to(device, [r.data_ptr() for r in rows], torch.int64)
-            self._launch("unpack_features", maps, addresses)
+            unpack_features(maps, self.value_offsets, self.scale_offsets,
+                            STORAGE_DTYPES[self.storage_dtype], addresses)
         return maps
 
     def _check_slabs(self, slabs: Tensor, maps: list[Tensor]) -> None:

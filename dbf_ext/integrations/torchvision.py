@@ -28,6 +28,8 @@ Differences from torchvision's own training path:
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -37,6 +39,7 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from dbf_ext.assign.dynamic_rcnn import DynamicRCNNController
 from dbf_ext.assign.losses import DynamicSmoothL1Loss
 from dbf_ext.assign.max_iou import batched_max_iou_assign
+from dbf_ext.ops.max_iou_assign import MaxIoUAssignOptions
 
 __all__ = ["DynamicRoIHeads", "use_dynamic_roi_heads"]
 
@@ -50,6 +53,10 @@ class DynamicRoIHeads(RoIHeads):
         controller: the :class:`DynamicRCNNController` (a default one when None).
         gt_max_assign_all: MaxIoUAssigner option for the low-quality matches.
         match_low_quality: MaxIoUAssigner option (True in Dynamic R-CNN).
+
+    Attributes:
+        assign_options: the :class:`~dbf_ext.assign.MaxIoUAssignOptions` of the latest
+            assignment: each one takes the controller's thresholds of the time.
 
     Mask and keypoint heads are not supported (ValueError).
     """
@@ -67,8 +74,11 @@ class DynamicRoIHeads(RoIHeads):
             raise ValueError("DynamicRoIHeads supports box heads only (no mask or keypoint heads)")
         self.controller = controller if controller is not None else DynamicRCNNController()
         self.box_loss = DynamicSmoothL1Loss(reduction="mean", controller=self.controller)
-        self.gt_max_assign_all = gt_max_assign_all
-        self.match_low_quality = match_low_quality
+        self.assign_options = MaxIoUAssignOptions(
+            **self.controller.assigner_options(),
+            gt_max_assign_all=gt_max_assign_all,
+            match_low_quality=match_low_quality,
+        )
 
     @classmethod
     def from_roi_heads(cls, roi_heads: RoIHeads, **kwargs) -> DynamicRoIHeads:
@@ -107,13 +117,14 @@ class DynamicRoIHeads(RoIHeads):
         class), ``0`` background, ``-1`` ignored.
         """
         real = [p[: p.shape[0] - g.shape[0]] for p, g in zip(proposals, gt_boxes)]
+        self.assign_options = dataclasses.replace(
+            self.assign_options, **self.controller.assigner_options()
+        )
         results = batched_max_iou_assign(
             real,
             gt_boxes,
             gt_labels,
-            **self.controller.assigner_options(),
-            gt_max_assign_all=self.gt_max_assign_all,
-            match_low_quality=self.match_low_quality,
+            **dataclasses.asdict(self.assign_options),
             box_type="hbb",
             return_topk_iou=self.controller.iou_topk,
             topk_with_gts=True,

@@ -1,4 +1,10 @@
-"""Torch-facing operators (``torch.library`` custom ops in the ``dbf_ext`` namespace)."""
+"""Every wrapper of a compiled kernel (``torch.library`` custom ops in the ``dbf_ext`` namespace).
+
+Exported here: the operators whose public home is this package. The MaxIoU assignment
+(:mod:`dbf_ext.ops.max_iou_assign`) and the feature cache's pack / unpack kernels
+(:mod:`dbf_ext.ops.feature_cache`) are used through :mod:`dbf_ext.assign` and
+:mod:`dbf_ext.cache`.
+"""
 
 from dbf_ext.ops.box_iou_rotated import box_iou_rotated
 from dbf_ext.ops.nms_rotated import batched_nms_rotated, multiclass_nms_rotated, nms_rotated

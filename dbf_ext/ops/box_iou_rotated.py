@@ -6,7 +6,7 @@ import torch
 from torch import Tensor
 
 from dbf_ext import _ext
-from dbf_ext.ops._checks import check_rotated_boxes, check_same_device
+from dbf_ext._validation import check_choice, check_rotated_boxes, check_same_device
 
 _MODES = ("iou", "iof")
 
@@ -43,8 +43,7 @@ def box_iou_rotated(
     check_rotated_boxes("boxes1", boxes1)
     check_rotated_boxes("boxes2", boxes2)
     check_same_device(boxes1=boxes1, boxes2=boxes2)
-    if mode not in _MODES:
-        raise ValueError(f"mode must be one of {_MODES}, got {mode!r}")
+    check_choice("mode", mode, _MODES)
     if aligned and boxes1.shape[0] != boxes2.shape[0]:
         raise ValueError(
             f"aligned=True needs as many boxes1 as boxes2, got {boxes1.shape[0]} and "

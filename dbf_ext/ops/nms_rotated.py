@@ -6,11 +6,12 @@ import torch
 from torch import Tensor
 
 from dbf_ext import _ext
-from dbf_ext._validation import as_integer
-from dbf_ext.ops._checks import (
+from dbf_ext._validation import (
     check_finite_number,
     check_float_dtype,
+    check_iou_threshold,
     check_labels,
+    check_limit,
     check_rotated_boxes,
     check_same_device,
     check_tensor,
@@ -54,7 +55,7 @@ def nms_rotated(
     synchronisation.
     """
     _check_nms_inputs(boxes, scores, labels)
-    threshold = _check_iou_threshold("iou_threshold", iou_threshold)
+    threshold = check_iou_threshold("iou_threshold", iou_threshold)
     # Under torch.compile the operator runs instead (it keeps every box too): the host branch
     # on the NaN check would break the graph.
     if threshold >= 1 and not torch.compiler.is_compiling():
@@ -142,9 +143,9 @@ def multiclass_nms_rotated(
             )
     check_same_device(boxes=boxes, scores=scores)
     score_thr = check_finite_number("score_thr", score_thr)
-    iou_thr = _check_iou_threshold("iou_thr", iou_thr)
-    max_num = _check_limit("max_num", max_num)
-    nms_pre = _check_limit("nms_pre", nms_pre)
+    iou_thr = check_iou_threshold("iou_thr", iou_thr)
+    max_num = check_limit("max_num", max_num)
+    nms_pre = check_limit("nms_pre", nms_pre)
     if _has_nan(boxes, scores):
         raise ValueError(_NAN_MESSAGE.format("multiclass_nms_rotated"))
 
@@ -182,20 +183,6 @@ def _check_nms_inputs(boxes: Tensor, scores: Tensor, labels: Tensor | None) -> N
     else:
         check_labels("labels", labels, boxes.shape[0])
         check_same_device(boxes=boxes, scores=scores, labels=labels)
-
-
-def _check_iou_threshold(name: str, value: object) -> float:
-    value = check_finite_number(name, value)
-    if value < 0:
-        raise ValueError(
-            f"{name} must be >= 0, got {value} (a negative threshold would let every box, "
-            "disjoint or invalid, suppress every other)"
-        )
-    return value
-
-
-def _check_limit(name: str, value: object) -> int:
-    return as_integer(name, value, -1, "-1: no limit")
 
 
 def _has_nan(*tensors: Tensor) -> Tensor:
