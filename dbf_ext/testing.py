@@ -109,17 +109,3 @@ def no_host_sync() -> Iterator[None]:
         yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
-
-
-@contextlib.contextmanager
-def single_thread() -> Iterator[None]:
-    """One intra-op CPU thread inside: for comparing two trainings bit for bit. With several
-    threads, CPU kernels outside torch's determinism switches (oneDNN convolutions, MKL GEMMs)
-    may sum in an order that depends on the thread count and on timing, so two identical runs
-    can differ in the last bits on many-core machines (seen at 16 threads)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(threads)

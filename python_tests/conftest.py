@@ -1,8 +1,6 @@
 import pytest
 import torch
 
-from dbf_ext.testing import single_thread
-
 _no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -15,10 +13,3 @@ def device(request) -> str:
 @pytest.fixture
 def generator() -> torch.Generator:
     return torch.Generator().manual_seed(1234)
-
-
-@pytest.fixture
-def one_thread():
-    """For tests that compare two trainings bit for bit (see dbf_ext.testing.single_thread)."""
-    with single_thread():
-        yield

@@ -16,9 +16,6 @@ import torch
 from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
 from dbf_ext.train import TrainConfig, train
 
-# Every test compares trainings bit for bit.
-pytestmark = pytest.mark.usefixtures("one_thread")
-
 
 @pytest.fixture(scope="module")
 def tiny_set(tmp_path_factory):

@@ -15,7 +15,6 @@ import torch
 
 from dbf_ext.cli import main
 from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
-from dbf_ext.testing import single_thread
 from dbf_ext.train import TrainConfig, flip_boxes, parse_cache_spec, train
 
 
@@ -71,7 +70,7 @@ class Interrupted(Exception):
     pass
 
 
-def test_resume_continues_exactly(tiny_set, tmp_path, one_thread):
+def test_resume_continues_exactly(tiny_set, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
     common = ("--cache", "off", "--hflip", "0.5", "--epochs", "3")
     assert run_train(tiny_set, straight, *common) == 0
@@ -179,7 +178,6 @@ KILLED_RUN = textwrap.dedent("""
     from dbf_ext.cli import main
 
     where, argv = sys.argv[1], sys.argv[2:]
-    torch.set_num_threads(1)  # compared bit for bit with a run in the test process
     calls = {"step": 0, "save": 0, "replace": 0}
 
     def kill():
@@ -216,14 +214,12 @@ KILLED_RUN = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def straight_run(tiny_set, tmp_path_factory):
     out = tmp_path_factory.mktemp("straight") / "run"
-    with single_thread():
-        assert run_train(tiny_set, out, *CRASH_COMMON) == 0
+    assert run_train(tiny_set, out, *CRASH_COMMON) == 0
     return out
 
 
 @pytest.mark.parametrize("where", ["mid-epoch", "writing-checkpoint", "after-checkpoint"])
-def test_killed_run_resumes_with_log_and_checkpoint_in_agreement(tiny_set, straight_run, tmp_path, where,
-                                                                 one_thread):
+def test_killed_run_resumes_with_log_and_checkpoint_in_agreement(tiny_set, straight_run, tmp_path, where):
     out = tmp_path / "run"
     argv = ["train", "--data", str(tiny_set), "--output", str(out), "--image-size", "96",
             "--batch-size", "2", "--unfrozen-epochs", "0", *CRASH_COMMON]
