@@ -24,8 +24,9 @@ def tiny_set(tmp_path_factory):
 
 
 def config(root, out, cache="off", **overrides) -> TrainConfig:
+    # On the CPU, where a training is bit-repeatable: every test here compares runs bit for bit.
     options = dict(data=str(root), output_dir=str(out), image_size=96, batch_size=2, hflip=0.0,
-                   cache=cache, eval_every=0)
+                   cache=cache, eval_every=0, device="cpu")
     options.update(overrides)
     return TrainConfig(**options)
 
