@@ -24,7 +24,7 @@ from dbf_ext._validation import (
     check_rotated_boxes,
     check_same_device,
 )
-from dbf_ext.ops.max_iou_assign import MaxIoUAssignOptions, max_iou_assign_packed
+from dbf_ext.ops.max_iou_assign import MaxIoUAssignOptions, max_iou_assign_op
 
 _BOX_CHECKS = {"hbb": check_horizontal_boxes, "obb": check_rotated_boxes}
 
@@ -216,7 +216,7 @@ def batched_max_iou_assign(
         extra = gt_counts if topk_with_gts else [0] * num_images
         topk_counts = [min(topk, n + e) for n, e in zip(box_counts, extra)]
         in_boxes = [k - e for k, e in zip(topk_counts, extra)]
-    gt_inds, max_overlaps, labels, kth = max_iou_assign_packed(
+    gt_inds, max_overlaps, labels, kth = max_iou_assign_op(
         _pack(boxes_list, compute),
         _pack(gt_boxes_list, compute),
         None if gt_labels_list is None else _pack(gt_labels_list, torch.int64).contiguous(),
@@ -226,7 +226,7 @@ def batched_max_iou_assign(
         _offsets([r.shape[0] for r in ignore_list], device) if use_ignore else None,
         None if topk is None else _ext.host_values_to(device, in_boxes, torch.int64),
         box_type,
-        options,
+        options.op_values(),
         max(box_counts),
         max(gt_counts),
     )

@@ -29,7 +29,7 @@ from torch import Tensor
 
 from dbf_ext import _ext
 from dbf_ext._validation import check_choice
-from dbf_ext.ops.feature_cache import pack_features, unpack_features
+from dbf_ext.ops.feature_cache import run_feature_kernel
 
 STORAGE_DTYPES: dict[str, torch.dtype] = {
     "float32": torch.float32,
@@ -109,8 +109,8 @@ class SlabLayout:
         """
         self._check_slabs(slabs, maps)
         if slabs.shape[0]:
-            pack_features(maps, self.value_offsets, self.scale_offsets,
-                          STORAGE_DTYPES[self.storage_dtype], _row_addresses(slabs))
+            run_feature_kernel("pack_features", maps, self.value_offsets, self.scale_offsets,
+                               STORAGE_DTYPES[self.storage_dtype], _row_addresses(slabs))
 
     def unpack(self, rows: list[Tensor]) -> list[Tensor]:
         """The feature maps stored in slab ``rows`` (each ``(slab_bytes,)`` uint8, anywhere in
@@ -129,8 +129,8 @@ class SlabLayout:
                 raise ValueError("slab rows must be contiguous")
         if rows:
             addresses = _ext.host_values_to(device, [r.data_ptr() for r in rows], torch.int64)
-            unpack_features(maps, self.value_offsets, self.scale_offsets,
-                            STORAGE_DTYPES[self.storage_dtype], addresses)
+            run_feature_kernel("unpack_features", maps, self.value_offsets, self.scale_offsets,
+                               STORAGE_DTYPES[self.storage_dtype], addresses)
         return maps
 
     def _check_slabs(self, slabs: Tensor, maps: list[Tensor]) -> None:

@@ -20,29 +20,7 @@ from torch import Tensor
 from dbf_ext import _ext
 
 
-def pack_features(
-    maps: Sequence[Tensor],
-    value_offsets: Sequence[int],
-    scale_offsets: Sequence[int],
-    storage_dtype: torch.dtype,
-    slab_addresses: Tensor,
-) -> None:
-    """Writes sample ``n`` of every map, converted to ``storage_dtype``, into slab ``n``."""
-    _launch("pack_features", maps, value_offsets, scale_offsets, storage_dtype, slab_addresses)
-
-
-def unpack_features(
-    maps: Sequence[Tensor],
-    value_offsets: Sequence[int],
-    scale_offsets: Sequence[int],
-    storage_dtype: torch.dtype,
-    slab_addresses: Tensor,
-) -> None:
-    """Fills sample ``n`` of every map (written in place, in its own dtype) from slab ``n``."""
-    _launch("unpack_features", maps, value_offsets, scale_offsets, storage_dtype, slab_addresses)
-
-
-def _launch(
+def run_feature_kernel(
     kernel: str,
     maps: Sequence[Tensor],
     value_offsets: Sequence[int],
@@ -50,6 +28,11 @@ def _launch(
     storage_dtype: torch.dtype,
     slab_addresses: Tensor,
 ) -> None:
+    """``kernel="pack_features"`` writes sample ``n`` of every map, converted to
+    ``storage_dtype``, into slab ``n``; ``"unpack_features"`` fills sample ``n`` of every map
+    (in place, in its own dtype) from slab ``n``."""
+    if kernel not in ("pack_features", "unpack_features"):
+        raise ValueError(f"kernel must be 'pack_features' or 'unpack_features', got {kernel!r}")
     # One tuple per level, in the order csrc/bindings.cpp unpacks (LevelTuple).
     levels = [
         (m.data_ptr(), *m.shape[1:], *m.stride(), value_offset, scale_offset)

@@ -89,44 +89,13 @@ def _take(values: Iterator[float], kind: typing.Any) -> object:
     return tuple(next(values) for _ in range(width)) if width else next(values)
 
 
-def max_iou_assign_packed(
-    boxes: Tensor,
-    gt_boxes: Tensor,
-    gt_labels: Tensor | None,
-    ignore_boxes: Tensor | None,
-    box_offsets: Tensor,
-    gt_offsets: Tensor,
-    ignore_offsets: Tensor | None,
-    topk: Tensor | None,
-    box_type: str,
-    options: MaxIoUAssignOptions,
-    max_boxes_per_image: int,
-    max_gts_per_image: int,
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The assignment of packed images (inputs checked by the caller).
-
-    Image ``i`` owns rows ``[offsets[i], offsets[i + 1])`` of ``boxes``, ``gt_boxes`` and
-    ``ignore_boxes`` (int64 offsets on the boxes' device; ``ignore_offsets`` None: no box is
-    ignored). Boxes are in their compute dtype, ``gt_labels`` int64 and contiguous.
-
-    Returns:
-        ``gt_inds``, ``max_overlaps``, ``labels`` (empty without ``gt_labels``) and the k-th
-        largest max overlap per image for ``k = topk[i]`` (NaN outside ``[1, boxes]``; empty
-        without ``topk``).
-    """
-    return _max_iou_assign_op(
-        boxes, gt_boxes, gt_labels, ignore_boxes, box_offsets, gt_offsets, ignore_offsets, topk,
-        box_type, options.op_values(), max_boxes_per_image, max_gts_per_image,
-    )
-
-
 def _output_shapes(boxes: Tensor, box_offsets: Tensor, with_labels: bool, with_topk: bool):
     total, num_images = boxes.shape[0], box_offsets.shape[0] - 1
     return total, (total if with_labels else 0), (num_images if with_topk else 0)
 
 
 @torch.library.custom_op("dbf_ext::max_iou_assign", mutates_args=())
-def _max_iou_assign_op(
+def max_iou_assign_op(
     boxes: Tensor,
     gt_boxes: Tensor,
     gt_labels: Tensor | None,
@@ -140,7 +109,18 @@ def _max_iou_assign_op(
     max_boxes_per_image: int,
     max_gts_per_image: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """:func:`max_iou_assign_packed`, with the options as :meth:`MaxIoUAssignOptions.op_values`."""
+    """The assignment of packed images (inputs checked by the caller), with the options as
+    :meth:`MaxIoUAssignOptions.op_values` (the schema has no record type).
+
+    Image ``i`` owns rows ``[offsets[i], offsets[i + 1])`` of ``boxes``, ``gt_boxes`` and
+    ``ignore_boxes`` (int64 offsets on the boxes' device; ``ignore_offsets`` None: no box is
+    ignored). Boxes are in their compute dtype, ``gt_labels`` int64 and contiguous.
+
+    Returns:
+        ``gt_inds``, ``max_overlaps``, ``labels`` (empty without ``gt_labels``) and the k-th
+        largest max overlap per image for ``k = topk[i]`` (NaN outside ``[1, boxes]``; empty
+        without ``topk``).
+    """
     device, dtype = boxes.device, boxes.dtype
     total, label_count, topk_count = _output_shapes(
         boxes, box_offsets, gt_labels is not None, topk is not None
@@ -193,7 +173,7 @@ def _max_iou_assign_op(
     return gt_inds, max_overlaps, labels, kth
 
 
-@_max_iou_assign_op.register_fake
+@max_iou_assign_op.register_fake
 def _(boxes, gt_boxes, gt_labels, ignore_boxes, box_offsets, gt_offsets, ignore_offsets, topk,
       *scalars):
     total, label_count, topk_count = _output_shapes(
