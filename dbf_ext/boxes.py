@@ -134,6 +134,23 @@ def poly2obb(polys: Tensor, version: str = "le90") -> Tensor:
     return regularize_obb(obb, version)
 
 
+def mask2obb(masks: Tensor, version: str = "le90", dtype: torch.dtype = torch.float32) -> Tensor:
+    """Instance masks ``(N, H, W)`` (bool or uint8) -> minimum-area rotated boxes ``(N, 5)``.
+
+    The exact minimum-area rectangle enclosing each mask's pixels taken as unit squares (pixel
+    ``(x, y)`` covers ``[x, x+1] x [y, y+1]``, so a one-pixel mask is a 1 x 1 box centred at
+    ``(x + 0.5, y + 0.5)``), in ``version``'s form; batched on CPU or CUDA by the compiled
+    kernel (:func:`dbf_ext.ops.mask_to_obb`, which states ties and limits). ``dtype``:
+    ``torch.float32`` or ``torch.float64``.
+
+    An empty mask gives a row of NaN; ``valid = ~boxes[:, 0].isnan()`` selects the others.
+    """
+    from dbf_ext.ops import mask_to_obb  # the compiled kernels: loaded on first use only
+
+    _check_version(version)
+    return regularize_obb(mask_to_obb(masks, dtype), version)
+
+
 def hbb2obb(hbb: Tensor, version: str = "le90") -> Tensor:
     """Axis-aligned boxes ``(..., 4)`` = ``x1, y1, x2, y2`` -> rotated boxes ``(..., 5)``."""
     _check_last_dim("hbb", hbb, 4, "(x1, y1, x2, y2)")
