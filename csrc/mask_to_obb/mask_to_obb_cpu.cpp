@@ -1,5 +1,5 @@
-#include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "common/parallel.h"
@@ -8,21 +8,37 @@
 namespace dbf_ext {
 namespace {
 
+// The first nonzero byte of [begin, end), or end. Zero runs are skipped 8 bytes at a time:
+// most rows of an instance mask are empty.
+const std::uint8_t* first_set(const std::uint8_t* begin, const std::uint8_t* end) {
+  for (std::uint64_t word = 0; end - begin >= 8; begin += 8) {
+    std::memcpy(&word, begin, 8);
+    if (word != 0) break;
+  }
+  while (begin != end && *begin == 0) ++begin;
+  return begin;
+}
+
+// One past the last nonzero byte of [begin, end), or begin.
+const std::uint8_t* end_of_set(const std::uint8_t* begin, const std::uint8_t* end) {
+  for (std::uint64_t word = 0; end - begin >= 8; end -= 8) {
+    std::memcpy(&word, end - 8, 8);
+    if (word != 0) break;
+  }
+  while (end != begin && end[-1] == 0) --end;
+  return end;
+}
+
 // Writes the (begin, end) extents of every row of one mask (see mask_to_obb.h).
 void scan_rows(const std::uint8_t* mask, std::int64_t height, std::int64_t width,
                std::int32_t* extents) {
   for (std::int64_t y = 0; y < height; ++y) {
     const std::uint8_t* row = mask + y * width;
-    const std::uint8_t* end = row + width;
-    const std::uint8_t* first = std::find_if(row, end, [](std::uint8_t v) { return v != 0; });
-    if (first == end) {
-      extents[2 * y] = extents[2 * y + 1] = 0;
-      continue;
-    }
-    const std::uint8_t* last = end - 1;
-    while (*last == 0) --last;  // stops at `first` at the latest
-    extents[2 * y] = static_cast<std::int32_t>(first - row);
-    extents[2 * y + 1] = static_cast<std::int32_t>(last - row + 1);
+    const std::uint8_t* first = first_set(row, row + width);
+    const bool empty = first == row + width;
+    extents[2 * y] = empty ? 0 : static_cast<std::int32_t>(first - row);
+    extents[2 * y + 1] =
+        empty ? 0 : static_cast<std::int32_t>(end_of_set(first, row + width) - row);
   }
 }
 
