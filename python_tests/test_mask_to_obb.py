@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from shapely_reference import box_polygon
 
-from dbf_ext.boxes import ANGLE_VERSIONS, mask2obb, regularize_obb
+from dbf_ext.boxes import ANGLE_VERSIONS, mask2obb, poly2obb, regularize_obb
 from dbf_ext.ops import mask_to_obb
 from dbf_ext.ops._reference import mask_to_obb_reference
 from dbf_ext.testing import no_host_sync, random_masks
@@ -29,9 +29,9 @@ def pixel_hull(mask: np.ndarray) -> shapely.Polygon:
 
 
 def check_boxes(masks: torch.Tensor, boxes: torch.Tensor, dtype: torch.dtype) -> None:
-    """Each box has the area of shapely's minimum rotated rectangle of the pixel hull and
-    encloses the hull (several rectangles may have the least area, so the box itself is not
-    compared); an empty mask has a NaN row."""
+    """Each box has the area of shapely's minimum rotated rectangle of the pixel hull and of
+    poly2obb of the hull's vertices, and encloses the hull (several rectangles may have the
+    least area, so the box itself is not compared); an empty mask has a NaN row."""
     assert boxes.shape == (masks.shape[0], 5) and boxes.dtype == dtype
     for mask, box in zip(masks.cpu().numpy(), boxes.cpu().double()):
         if not mask.any():
@@ -39,6 +39,9 @@ def check_boxes(masks: torch.Tensor, boxes: torch.Tensor, dtype: torch.dtype) ->
             continue
         hull = pixel_hull(mask)
         want_area = hull.minimum_rotated_rectangle.area
+        vertices = torch.from_numpy(np.asarray(hull.exterior.coords[:-1]).reshape(1, -1))
+        poly2obb_box = poly2obb(vertices)[0]
+        assert float(poly2obb_box[2] * poly2obb_box[3]) == pytest.approx(want_area, rel=1e-12, abs=0)
         got = box_polygon(box)
         assert got.area == pytest.approx(want_area, rel=AREA_RTOL[dtype], abs=0)
         scale = math.sqrt(want_area)
@@ -228,8 +231,9 @@ def test_cuda_matches_cpu(generator):
     masks = torch.cat([random_masks(300, 70, 70, generator=generator), thin_lines(70),
                        torch.zeros(2, 70, 70, dtype=torch.bool)])
     cpu = mask_to_obb(masks, torch.float64)
+    on_gpu = masks.cuda()
     with no_host_sync():
-        cuda = mask_to_obb(masks.cuda(), torch.float64)
+        cuda = mask_to_obb(on_gpu, torch.float64)
     cuda = cuda.cpu()
     assert torch.equal(cpu[:, :4].nan_to_num(-1), cuda[:, :4].nan_to_num(-1))
     torch.testing.assert_close(cuda[:, 4], cpu[:, 4], rtol=0, atol=1e-15, equal_nan=True)
@@ -237,9 +241,15 @@ def test_cuda_matches_cpu(generator):
 
 @pytest.mark.large
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_large_masks_match_cpu():
+def test_cuda_large_masks_match_cpu_and_64bit_offsets():
+    """Large masks agree with the CPU; a mask starting beyond byte 2**31 is read correctly."""
     g = torch.Generator().manual_seed(3)
     masks = random_masks(16, 1500, 2100, generator=g)
     cpu = mask_to_obb(masks, torch.float64)
     cuda = mask_to_obb(masks.cuda(), torch.float64).cpu()
     assert torch.equal(cpu[:, :4].nan_to_num(-1), cuda[:, :4].nan_to_num(-1))
+    many = torch.zeros(1100, 1400, 1400, dtype=torch.bool, device="cuda")  # 2.16e9 bytes
+    many[-1, 3:7, 10:20] = True
+    boxes = mask2obb(many, dtype=torch.float64)
+    assert boxes[:-1].isnan().all()
+    assert boxes[-1].tolist() == [15.0, 5.0, 10.0, 4.0, 0.0]
