@@ -147,10 +147,11 @@ def mask2obb(masks: Tensor, version: str = "le90", dtype: torch.dtype = torch.fl
 
     An empty mask gives a row of NaN; ``valid = ~boxes[:, 0].isnan()`` selects the others.
     """
-    from dbf_ext.ops import mask_to_obb  # the compiled kernels: loaded on first use only
+    # The compiled kernels: loaded on first use only.
+    from dbf_ext.ops.mask_to_obb import OUTPUT_DTYPES, mask_to_obb
 
     _check_version(version)
-    check_choice("dtype", dtype, (torch.float32, torch.float64))
+    check_choice("dtype", dtype, OUTPUT_DTYPES)
     # Regularised in float64, then rounded once: a quarter turn of float32 pi would leave
     # -1.2e-7 where an axis-aligned box has theta 0.
     return regularize_obb(mask_to_obb(masks, torch.float64), version).to(dtype)

@@ -8,7 +8,8 @@ from torch import Tensor
 from dbf_ext import _ext
 from dbf_ext._validation import check_choice, check_mask_side, check_masks, check_same_device
 
-_OUT_DTYPES = (torch.float32, torch.float64)
+#: The result dtypes (the kernel computes in float64).
+OUTPUT_DTYPES = (torch.float32, torch.float64)
 
 
 def mask_to_obb(masks: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -34,7 +35,7 @@ def mask_to_obb(masks: Tensor, dtype: torch.dtype = torch.float32) -> Tensor:
     """
     check_masks("masks", masks)
     check_same_device(masks=masks)
-    check_choice("dtype", dtype, _OUT_DTYPES)
+    check_choice("dtype", dtype, OUTPUT_DTYPES)
     return _mask_to_obb_op(masks.contiguous(), dtype)
 
 
