@@ -225,6 +225,24 @@ def test_any_small_mask_matches_shapely(rows):
     check_boxes(mask, mask2obb(mask, dtype=torch.float64), torch.float64)
 
 
+@settings(max_examples=60, deadline=None)
+@given(masks_strategy, st.integers(0, 9), st.integers(0, 9))
+def test_translation_moves_only_the_centre_and_mirrors_keep_the_area(rows, shift_y, shift_x):
+    mask = torch.tensor(rows, dtype=torch.bool)
+    h, w = mask.shape
+    moved = torch.zeros(h + shift_y, w + shift_x, dtype=torch.bool)
+    moved[shift_y:, shift_x:] = mask
+    base, shifted = (mask_to_obb(m[None], torch.float64)[0] for m in (mask, moved))
+    # The same hull, translated: the same edge and the same exact projections.
+    assert torch.equal(base[2:].nan_to_num(-1), shifted[2:].nan_to_num(-1))
+    torch.testing.assert_close(shifted[:2], base[:2] + torch.tensor([shift_x, shift_y]),
+                               rtol=0, atol=1e-12, equal_nan=True)
+    area = base[2] * base[3]
+    for mirrored in (mask.flip(0), mask.flip(1), mask.t()):
+        box = mask_to_obb(mirrored[None].contiguous(), torch.float64)[0]
+        torch.testing.assert_close(box[2] * box[3], area, rtol=1e-12, atol=0, equal_nan=True)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu(generator):
     """Same hull and edge on both: every value but theta bit for bit, theta within an ulp."""
