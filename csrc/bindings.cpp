@@ -11,6 +11,7 @@
 #include "common/device_info.h"
 #include "common/types.h"
 #include "feature_cache/feature_cache.h"
+#include "mask_to_obb/mask_to_obb.h"
 #include "nms_rotated/nms_rotated.h"
 
 namespace py = pybind11;
@@ -245,6 +246,41 @@ void bind_assign(py::module_& m) {
 #endif
 }
 
+void bind_mask_to_obb(py::module_& m) {
+  m.def("mask_to_obb_hull_capacity", &dbf_ext::mask_obb::hull_capacity, py::arg("height"),
+        "Hull vertices (the CUDA scratch's rows) per mask of this height.");
+  auto make_args = [](std::uintptr_t masks, std::int64_t count, std::int64_t height,
+                      std::int64_t width, int dtype, std::uintptr_t out) {
+    return dbf_ext::MaskToObbArgs{masks, count, height, width, dbf_ext::dtype_from_code(dtype),
+                                  out};
+  };
+  m.def(
+      "mask_to_obb_cpu",
+      [make_args](std::uintptr_t masks, std::int64_t count, std::int64_t height, std::int64_t width,
+                  int dtype, std::uintptr_t out, int num_threads) {
+        const auto args = make_args(masks, count, height, width, dtype, out);
+        py::gil_scoped_release release;
+        dbf_ext::mask_to_obb_cpu(args, num_threads);
+      },
+      py::arg("masks"), py::arg("count"), py::arg("height"), py::arg("width"), py::arg("dtype"),
+      py::arg("out"), py::arg("num_threads"));
+#if defined(DBF_EXT_WITH_CUDA)
+  m.def(
+      "mask_to_obb_cuda",
+      [make_args](std::uintptr_t masks, std::int64_t count, std::int64_t height, std::int64_t width,
+                  int dtype, std::uintptr_t out, std::uintptr_t row_extents, std::uintptr_t hull,
+                  int device, std::uintptr_t stream) {
+        const auto args = make_args(masks, count, height, width, dtype, out);
+        const dbf_ext::MaskToObbCudaScratch scratch{row_extents, hull};
+        py::gil_scoped_release release;
+        dbf_ext::mask_to_obb_cuda(args, scratch, device, stream);
+      },
+      py::arg("masks"), py::arg("count"), py::arg("height"), py::arg("width"), py::arg("dtype"),
+      py::arg("out"), py::arg("row_extents"), py::arg("hull"), py::arg("device"),
+      py::arg("stream"));
+#endif
+}
+
 }  // namespace
 
 // The codes and sizes that Python must agree with, exported from their single definitions.
@@ -260,6 +296,7 @@ void bind_constants(py::module_& m) {
   box_kind_codes["hbb"] = static_cast<int>(dbf_ext::BoxKind::Horizontal);
   box_kind_codes["obb"] = static_cast<int>(dbf_ext::BoxKind::Rotated);
   m.attr("BOX_KIND_CODES") = box_kind_codes;
+  m.attr("MASK_TO_OBB_MAX_SIDE") = dbf_ext::mask_obb::kMaxSide;
 #if defined(DBF_EXT_WITH_CUDA)
   m.attr("NMS_BLOCK_BOXES") = dbf_ext::kNmsBlockBoxes;
 #endif
@@ -274,4 +311,5 @@ PYBIND11_MODULE(_C, m) {
   bind_assign(m);
   bind_nms_rotated(m);
   bind_feature_cache(m);
+  bind_mask_to_obb(m);
 }

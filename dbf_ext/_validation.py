@@ -142,3 +142,27 @@ def check_labels(name: str, labels: object, count: int) -> torch.Tensor:
             f"{name} must have shape ({count},) (one label per box), got {tuple(labels.shape)}"
         )
     return labels
+
+
+MASK_DTYPES = (torch.bool, torch.uint8)
+
+
+def check_masks(name: str, masks: object) -> torch.Tensor:
+    """Checks a dense ``(N, H, W)`` bool or uint8 tensor of instance masks (nonzero = set)."""
+    masks = check_tensor(name, masks)
+    if masks.dim() != 3:
+        raise ValueError(
+            f"{name} must have shape (N, H, W) (one mask per instance; add a leading dimension "
+            f"for a single mask), got {tuple(masks.shape)}"
+        )
+    if masks.layout != torch.strided:
+        raise ValueError(f"{name} must be a dense tensor, got layout {masks.layout}")
+    if masks.dtype not in MASK_DTYPES:
+        raise TypeError(f"{name} must be bool or uint8 (nonzero = set), got {masks.dtype}")
+    return masks
+
+
+def check_mask_side(name: str, masks: torch.Tensor, max_side: int) -> None:
+    """The height and width of ``(N, H, W)`` masks are below ``max_side``."""
+    if max(masks.shape[1:]) >= max_side:
+        raise ValueError(f"{name}: height and width must be below {max_side}, got {tuple(masks.shape[1:])}")

@@ -21,6 +21,8 @@ import math
 import torch
 from torch import Tensor
 
+from dbf_ext._validation import check_choice
+
 ANGLE_VERSIONS = ("oc", "le90", "le135")
 
 
@@ -132,6 +134,27 @@ def poly2obb(polys: Tensor, version: str = "le90") -> Tensor:
         dim=-1,
     )
     return regularize_obb(obb, version)
+
+
+def mask2obb(masks: Tensor, version: str = "le90", dtype: torch.dtype = torch.float32) -> Tensor:
+    """Instance masks ``(N, H, W)`` (bool or uint8) -> minimum-area rotated boxes ``(N, 5)``.
+
+    The exact minimum-area rectangle enclosing each mask's pixels taken as unit squares (pixel
+    ``(x, y)`` covers ``[x, x+1] x [y, y+1]``, so a one-pixel mask is a 1 x 1 box centred at
+    ``(x + 0.5, y + 0.5)``), in ``version``'s form; batched on CPU or CUDA by the compiled
+    kernel (:func:`dbf_ext.ops.mask_to_obb`, which states ties and limits). ``dtype``:
+    ``torch.float32`` or ``torch.float64``.
+
+    An empty mask gives a row of NaN; ``valid = ~boxes[:, 0].isnan()`` selects the others.
+    """
+    # The compiled kernels: loaded on first use only.
+    from dbf_ext.ops.mask_to_obb import OUTPUT_DTYPES, mask_to_obb
+
+    _check_version(version)
+    check_choice("dtype", dtype, OUTPUT_DTYPES)
+    # Regularised in float64, then rounded once: a quarter turn of float32 pi would leave
+    # -1.2e-7 where an axis-aligned box has theta 0.
+    return regularize_obb(mask_to_obb(masks, torch.float64), version).to(dtype)
 
 
 def hbb2obb(hbb: Tensor, version: str = "le90") -> Tensor:

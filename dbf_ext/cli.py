@@ -145,6 +145,16 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_masks2dota(args: argparse.Namespace) -> int:
+    from dbf_ext.data import masks_to_dota
+
+    classes = args.classes.split(",") if args.classes else None
+    written = masks_to_dota(args.mask_dir, args.out_dir, class_name=args.class_name,
+                            class_dir=args.class_dir, classes=classes)
+    print(f"{len(written)} label files written to {args.out_dir}")
+    return 0
+
+
 def _epoch_list(text: str) -> tuple[int, ...]:
     """``"1,21,41"`` or ``"0-5,10"`` -> epochs."""
     epochs: list[int] = []
@@ -240,6 +250,19 @@ def build_parser() -> argparse.ArgumentParser:
                     help="IoU for a detection to match (default %(default)s)")
     ev.add_argument("--device", default="auto", help=_DEVICE_HELP)
     ev.set_defaults(handler=_cmd_eval)
+
+    m2d = commands.add_parser(
+        "masks2dota", help="PNG instance maps -> DOTA label files (minimum-area rotated boxes)")
+    m2d.add_argument("mask_dir", help="folder of <image_id>.png instance maps (0 = background, "
+                                      "k > 0 = instance k)")
+    m2d.add_argument("out_dir", help="folder for the <image_id>.txt label files (created)")
+    m2d.add_argument("--class-name", default="object",
+                     help="the class of every object without --class-dir (default %(default)s)")
+    m2d.add_argument("--class-dir",
+                     help="folder of class maps with the same file names: value c > 0 is the "
+                          "c-th name of --classes")
+    m2d.add_argument("--classes", help="class names for --class-dir, comma-separated")
+    m2d.set_defaults(handler=_cmd_masks2dota)
     return parser
 
 

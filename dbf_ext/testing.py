@@ -109,3 +109,28 @@ def no_host_sync() -> Iterator[None]:
         yield
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def random_masks(
+    n: int,
+    height: int = 64,
+    width: int = 64,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """``(n, height, width)`` bool instance masks: rasterised ellipses (even indices) and
+    rectangles (odd) of random centre, size and angle. A pixel is set when its centre lies
+    inside the shape; a shape that covers no pixel centre gives an empty mask."""
+    cx = torch.rand(n, 1, 1, generator=generator) * width
+    cy = torch.rand(n, 1, 1, generator=generator) * height
+    half_u = 0.5 + torch.rand(n, 1, 1, generator=generator) * min(height, width) / 3
+    half_v = 0.3 + torch.rand(n, 1, 1, generator=generator) * min(height, width) / 6
+    theta = torch.rand(n, 1, 1, generator=generator) * math.pi
+    ys = torch.arange(height, dtype=torch.float32)[:, None] + 0.5
+    xs = torch.arange(width, dtype=torch.float32)[None, :] + 0.5
+    dx, dy = xs - cx, ys - cy
+    u = (dx * torch.cos(theta) + dy * torch.sin(theta)) / half_u
+    v = (-dx * torch.sin(theta) + dy * torch.cos(theta)) / half_v
+    ellipse = u * u + v * v <= 1
+    rectangle = (u.abs() <= 1) & (v.abs() <= 1)
+    is_rectangle = (torch.arange(n) % 2 == 1)[:, None, None]
+    return torch.where(is_rectangle, rectangle, ellipse)

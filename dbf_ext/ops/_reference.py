@@ -131,3 +131,29 @@ def nms_rotated_reference(
             kept.append(i)
             removed |= suppresses[i]  # also marks earlier boxes, whose fate is already decided
     return order[torch.tensor(kept, dtype=torch.int64, device=boxes.device)]
+
+
+def mask_row_end_corners(mask: Tensor) -> Tensor:
+    """``(H, W)`` mask -> ``(4R, 2)`` float64 corners of the first and last set pixel of each of
+    its R rows with a set pixel. Their convex hull is that of all the set pixels' unit squares
+    (a row's other squares lie between its two end squares)."""
+    rows = mask.any(dim=1).nonzero().squeeze(1)
+    set_rows = mask[rows].to(torch.uint8)
+    first = set_rows.argmax(dim=1)
+    last = mask.shape[1] - 1 - set_rows.flip(1).argmax(dim=1)
+    x = torch.stack((first, first, last + 1, last + 1), dim=1)
+    y = torch.stack((rows, rows + 1, rows, rows + 1), dim=1)
+    return torch.stack((x, y), dim=-1).reshape(-1, 2).double()
+
+
+def mask_to_obb_reference(masks: Tensor, version: str = "le90") -> Tensor:
+    """``(N, H, W)`` masks -> ``(N, 5)`` float64 minimum-area boxes: ``poly2obb`` of each mask's
+    row end corners (every point pair's direction is tried); NaN rows for empty masks."""
+    from dbf_ext.boxes import poly2obb
+
+    boxes = torch.full((masks.shape[0], 5), float("nan"), dtype=torch.float64)
+    for i, mask in enumerate(masks.cpu().bool()):
+        corners = mask_row_end_corners(mask)
+        if len(corners):
+            boxes[i] = poly2obb(corners.reshape(1, -1), version)[0]
+    return boxes
