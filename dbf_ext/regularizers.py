@@ -141,8 +141,11 @@ class FeatureEnhancement:
         self.l2_weight, self.variance_weight = float(l2_weight), float(variance_weight)
         self._early_weights = _weights(backbone, self.early, "early")
         self._late_weights = _weights(backbone, self.late, "late")
-        zero = torch.zeros((), dtype=self._late_weights[0].dtype, device=self._late_weights[0].device)
-        self.parts: dict[str, Tensor] = {"l2": zero, "variance": zero}
+        self.parts: dict[str, Tensor] = {"l2": self._zero(), "variance": self._zero()}
+
+    def _zero(self) -> Tensor:
+        """A 0-d zero of the weights' dtype, on their current device, without a graph."""
+        return torch.zeros((), dtype=self._late_weights[0].dtype, device=self._late_weights[0].device)
 
     @property
     def active(self) -> bool:
@@ -160,11 +163,9 @@ class FeatureEnhancement:
 
     def __call__(self) -> Tensor:
         """The scalar term (0-d tensor on the weights' device)."""
-        reference = self._late_weights[0]
         if not self.active:
-            zero = torch.zeros((), dtype=reference.dtype, device=reference.device)
-            self.parts = {"l2": zero, "variance": zero}
-            return zero
+            self.parts = {"l2": self._zero(), "variance": self._zero()}
+            return self._zero()
         l2, variance = self.late_l2(), self.early_variance()
         self.parts = {"l2": l2.detach(), "variance": variance.detach()}
         return self.l2_weight * l2 - self.variance_weight * variance

@@ -106,10 +106,6 @@ def train(config: TrainConfig, console: Console | None = None,
         for line in init_report.lines():
             console.print(f"  {line}")
     dbf = apply_dbf(model, config.freeze_schedule())
-    enhancement = None
-    if config.feature_enhancement:
-        enhancement = FeatureEnhancement(dbf.backbone, l2_weight=config.fe_l2_weight,
-                                         variance_weight=config.fe_variance_weight)
     dynamic = None
     if config.dynamic_rcnn:
         from dbf_ext.integrations.torchvision import use_dynamic_roi_heads
@@ -123,6 +119,10 @@ def train(config: TrainConfig, console: Console | None = None,
         cached.watch_input_sizes(model.transform)
         model.backbone.body = cached
     model.to(device)
+    enhancement = None
+    if config.feature_enhancement:
+        enhancement = FeatureEnhancement(dbf.backbone, l2_weight=config.fe_l2_weight,
+                                         variance_weight=config.fe_variance_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
