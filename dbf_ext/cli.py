@@ -120,6 +120,10 @@ def _cmd_train(args: argparse.Namespace) -> int:
         eval_every=args.eval_every,
         seed=args.seed,
         resume=args.resume,
+        init_from=args.init_from,
+        feature_enhancement=args.feature_enhancement,
+        fe_l2_weight=args.fe_l2_weight,
+        fe_variance_weight=args.fe_variance_weight,
         overwrite=args.overwrite,
         label_errors=args.label_errors,
     )
@@ -238,6 +242,21 @@ def build_parser() -> argparse.ArgumentParser:
                     help="a malformed label line (e.g. a polygon without area) stops the run "
                          "(raise, default) or is dropped with a warning naming file and line (warn)")
     tr.add_argument("--resume", action="store_true", help="continue from OUTPUT/checkpoint.pt")
+    tr.add_argument("--init-from", metavar="CKPT",
+                    help="start a new run from the weights in CKPT (a checkpoint.pt of a run, or a "
+                         "state dict): tensors whose names and shapes match are loaded, the rest "
+                         "is reported and keeps its initialisation (e.g. fine-tuning after an "
+                         "always-frozen pre-training); not with --resume")
+    tr.add_argument("--feature-enhancement", action="store_true",
+                    help="add the feature-enhancement regulariser in epochs where the backbone "
+                         "trains: FE_L2_WEIGHT * L2(late stages) - FE_VARIANCE_WEIGHT * "
+                         "Var(early stages) (see dbf_ext.regularizers)")
+    tr.add_argument("--fe-l2-weight", type=float, default=defaults.fe_l2_weight,
+                    help="feature enhancement: weight of the late stages' sum of squared conv / "
+                         "linear weights (default %(default)s; the paper's value is not public)")
+    tr.add_argument("--fe-variance-weight", type=float, default=defaults.fe_variance_weight,
+                    help="feature enhancement: weight of the early stages' mean per-filter weight "
+                         "variance, subtracted (default %(default)s; the paper's value is not public)")
     tr.add_argument("--plot", help="write losses, mAP and the freeze timeline to this PNG")
     tr.set_defaults(handler=_cmd_train)
 

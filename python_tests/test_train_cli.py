@@ -455,3 +455,97 @@ def test_corrupt_image_mid_epoch_is_a_one_line_error_naming_it(tiny_set, tmp_pat
     assert run_train(data, tmp_path / "run", "--epochs", "1", "--cache", "off",
                      "--workers", str(workers)) == 1
     assert f"{image}: cannot read the image" in one_line_error(capsys)
+
+
+def test_feature_enhancement_is_added_in_trained_epochs_only(tiny_set, tmp_path):
+    out = tmp_path / "run"
+    assert run_train(tiny_set, out, "--epochs", "2", "--cache", "off", "--feature-enhancement",
+                     "--fe-l2-weight", "2e-4", "--fe-variance-weight", "0.5") == 0
+    trained, frozen = log_lines(out)
+    parts = trained["feature_enhancement"]
+    assert parts["l2"] > 0 and parts["variance"] > 0
+    # Equal batches (4 tiles, 2 per step): the image-weighted loss mean is the step mean.
+    assert trained["losses"]["feature_enhancement"] == pytest.approx(
+        2e-4 * parts["l2"] - 0.5 * parts["variance"], rel=1e-5)
+    assert frozen["frozen"] and frozen["feature_enhancement"] is None
+    assert "feature_enhancement" not in frozen["losses"]
+
+
+def test_mutdet_recipe_always_frozen_pretraining_then_fine_tuning_from_it(tiny_set, tmp_path, capsys):
+    """Pre-train neck and heads with the backbone frozen throughout (the cache serves every
+    epoch after the first), then fine-tune from that checkpoint with the backbone trainable:
+    into the same model, and into another variant, where what does not fit is skipped."""
+    pretrained = tmp_path / "pretrain"
+    assert run_train(tiny_set, pretrained, "--schedule", "always-frozen", "--epochs", "3", "--hflip", "0",
+                     "--cache", "bfloat16:cpu=64MB") == 0
+    records = log_lines(pretrained)
+    assert all(r["frozen"] for r in records)
+    assert [r["cache_hit_rate"] for r in records] == [0.0, 1.0, 1.0]
+    checkpoint = pretrained / "checkpoint.pt"
+    pretrained_weights = torch.load(checkpoint, weights_only=True)["model"]
+
+    capsys.readouterr()
+    same = tmp_path / "finetune"
+    config = TrainConfig(data=str(tiny_set), output_dir=str(same), image_size=96, batch_size=2, epochs=2,
+                         schedule="never-frozen", cache="off", init_from=str(checkpoint),
+                         feature_enhancement=True, device="cpu")
+    result = train(config)
+    report = result.init_report
+    assert sorted(report.loaded) == sorted(pretrained_weights) and not report.skipped
+    assert not report.missing and not report.unused
+    out = capsys.readouterr().out
+    assert f"loaded {len(pretrained_weights)} of the model's {len(pretrained_weights)} tensors" in out
+    # A new run, not a resume: its own log from epoch 0, the backbone trains.
+    assert [r["epoch"] for r in log_lines(same)] == [0, 1] and not any(r["frozen"] for r in log_lines(same))
+    assert all(torch.isfinite(torch.tensor(list(r.losses.values()))).all() for r in result.history)
+    fine_tuned = torch.load(same / "checkpoint.pt", weights_only=True)
+    assert fine_tuned["epoch"] == 1 and fine_tuned["config"]["init_from"] == str(checkpoint)
+    trunk_key = "backbone.body.layer1.0.0.weight"
+    assert not torch.equal(fine_tuned["model"][trunk_key], pretrained_weights[trunk_key])  # it trained
+
+    other = tmp_path / "finetune-other"
+    assert run_train(tiny_set, other, "--init-from", str(checkpoint), "--model", "resnet18-fpn-lite",
+                     "--schedule", "never-frozen", "--epochs", "1", "--cache", "off") == 0
+    lines = [line.strip() for line in capsys.readouterr().out.splitlines()]
+    loaded, skipped, missing, unused = (next(line for line in lines if line.startswith(word))
+                                        for word in ("loaded", "skipped", "missing", "unused"))
+    # The heads fit (same widths), the trunks do not: a ResNet-18's layer1 has other shapes,
+    # its layer3 / layer4 are not in the tiny trunk, the tiny trunk's stem not in the ResNet.
+    assert "roi_heads.box_predictor.cls_score.weight" not in skipped and int(loaded.split()[1]) > 10
+    assert "backbone.body.layer1.0.conv1.weight" not in skipped  # a name only the ResNet has
+    assert "backbone.body.layer2.0.0.weight [96, 64, 3, 3] -> " not in skipped
+    assert "backbone.fpn.inner_blocks.0.0.weight [64, 64, 1, 1] -> [64, 128, 1, 1]" in skipped
+    assert "backbone.body.layer4.0.conv1.weight" in missing and "backbone.body.stem.0.0.weight" in unused
+    assert all(torch.isfinite(torch.tensor(list(r["losses"].values()))).all() for r in log_lines(other))
+
+
+def test_init_from_faults(tiny_set, finished_run, tmp_path, capsys):
+    capsys.readouterr()
+    assert run_train(tiny_set, tmp_path / "a", "--epochs", "1", "--init-from", str(tmp_path / "none.pt")) == 1
+    assert "does not exist" in one_line_error(capsys)
+    corrupt = tmp_path / "corrupt.pt"
+    corrupt.write_bytes((finished_run / "checkpoint.pt").read_bytes()[:-5000])
+    assert run_train(tiny_set, tmp_path / "b", "--epochs", "1", "--init-from", str(corrupt)) == 1
+    assert "cannot be read" in one_line_error(capsys)
+    foreign = tmp_path / "foreign.pt"
+    torch.save({"encoder.weight": torch.zeros(3)}, foreign)
+    assert run_train(tiny_set, tmp_path / "c", "--epochs", "1", "--init-from", str(foreign)) == 1
+    assert "no tensor" in one_line_error(capsys)
+    torch.save({"weights": [1, 2]}, foreign)
+    assert run_train(tiny_set, tmp_path / "c", "--epochs", "1", "--init-from", str(foreign)) == 1
+    assert "neither" in one_line_error(capsys)
+    assert run_train(tiny_set, finished_run, "--epochs", "2", "--resume",
+                     "--init-from", str(finished_run / "checkpoint.pt")) == 1
+    assert "exclude each other" in one_line_error(capsys)
+
+    # A plain state dict whose box predictor was trained for 3 classes: skipped, reported.
+    weights = torch.load(finished_run / "checkpoint.pt", weights_only=True)["model"]
+    weights["roi_heads.box_predictor.cls_score.weight"] = torch.zeros(3, 256)
+    state_dict = tmp_path / "state_dict.pt"
+    torch.save(weights, state_dict)
+    assert run_train(tiny_set, tmp_path / "d", "--epochs", "1", "--cache", "off",
+                     "--init-from", str(state_dict)) == 0
+    out = capsys.readouterr().out
+    assert f"loaded {len(weights) - 1} of the model's {len(weights)} tensors" in out
+    assert ("skipped (shape differs, file -> model) 1: "
+            "roi_heads.box_predictor.cls_score.weight [3, 256] -> [4, 256]") in out

@@ -1,17 +1,18 @@
 """Training of torchvision detectors with DBF, the feature cache and Dynamic R-CNN."""
 
 from dbf_ext.train.augment import KeyedFlipDataset, flip_boxes
-from dbf_ext.train.checkpoint import CheckpointError, load_checkpoint, load_model_weights
+from dbf_ext.train.checkpoint import CheckpointError, load_checkpoint, load_matching_weights, load_model_weights
 from dbf_ext.train.config import SCHEDULES, TrainConfig, parse_cache_spec, parse_size, resolve_device
 from dbf_ext.train.engine import evaluate, train
 from dbf_ext.train.model import MODELS, build_detector
-from dbf_ext.train.report import EpochRecord, TrainResult, output_console, plot_history, summary_rows
+from dbf_ext.train.report import EpochRecord, InitReport, TrainResult, output_console, plot_history, summary_rows
 
 __all__ = [
     "MODELS",
     "SCHEDULES",
     "CheckpointError",
     "EpochRecord",
+    "InitReport",
     "KeyedFlipDataset",
     "TrainConfig",
     "TrainResult",
@@ -19,6 +20,7 @@ __all__ = [
     "evaluate",
     "flip_boxes",
     "load_checkpoint",
+    "load_matching_weights",
     "load_model_weights",
     "output_console",
     "parse_cache_spec",

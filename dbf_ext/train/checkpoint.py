@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from dbf_ext.train.config import TrainConfig
-from dbf_ext.train.report import EpochRecord
+from dbf_ext.train.report import EpochRecord, InitReport
 
 
 class CheckpointError(ValueError):
@@ -26,6 +26,21 @@ _CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "dbf",
                     "cache", "history", "config", "classes")
 
 
+def _read(path: Path, map_location: str | torch.device) -> Any:
+    """``torch.load(path, weights_only=True)``; a missing file is ``FileNotFoundError``, an
+    unreadable one a one-line :class:`CheckpointError`."""
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    # torch.load reports damage by RuntimeError (zip), UnpicklingError (not plain data),
+    # EOFError (empty) or ValueError, with messages of many lines.
+    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} cannot be read (corrupt, truncated or not a "
+                              f"dbf-ext checkpoint): {first_line}") from None
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """A checkpoint written by :func:`train`, loaded with ``weights_only=True``.
 
@@ -33,16 +48,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     or is not such a checkpoint, ``FileNotFoundError`` when it does not exist.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    # torch.load reports damage by RuntimeError (zip), UnpicklingError (not plain data),
-    # EOFError (empty) or ValueError, with messages of many lines.
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read (corrupt, truncated or not a "
-                              f"dbf-ext checkpoint): {first_line}") from None
+    state = _read(path, map_location)
     missing = [key for key in _CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a dbf-ext training checkpoint of this version "
@@ -58,6 +64,39 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str 
         first_line = str(err).strip().splitlines()[0]
         raise CheckpointError(f"the weights in {path} do not fit model {state['config']['model']} "
                               f"with {len(state['classes'])} classes: {first_line}") from None
+
+
+def load_matching_weights(model: torch.nn.Module, path: str | Path) -> InitReport:
+    """Loads into ``model`` every tensor of ``path`` whose name and shape match its state dict.
+
+    ``path``: a checkpoint written by :func:`train` (its ``"model"``) or a plain state dict
+    (name -> tensor), read with ``weights_only=True``. Tensors of another shape (a box
+    predictor for another class count) are skipped, the model's tensors the file lacks keep
+    their initialisation; the returned :class:`InitReport` names both. A file matching no
+    tensor at all is a :class:`CheckpointError` (a run that loaded nothing would look like a
+    fine-tuning run but start from scratch).
+    """
+    path = Path(path)
+    state = _read(path, "cpu")
+    weights = state.get("model") if isinstance(state, dict) and "model" in state else state
+    if not isinstance(weights, dict) or not all(
+            isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
+        raise CheckpointError(f"{path} is neither a dbf-ext training checkpoint nor a state dict "
+                              "(a mapping of names to tensors)")
+    own = model.state_dict()
+    matching = {k: v for k, v in weights.items() if k in own and v.shape == own[k].shape}
+    report = InitReport(
+        loaded=list(matching),
+        skipped=[(k, tuple(v.shape), tuple(own[k].shape)) for k, v in weights.items()
+                 if k in own and k not in matching],
+        missing=[k for k in own if k not in weights],
+        unused=[k for k in weights if k not in own],
+    )
+    if not matching:
+        raise CheckpointError(f"no tensor of {path} matches this model by name and shape "
+                              f"({len(weights)} tensors in the file, {len(own)} in the model)")
+    model.load_state_dict(matching, strict=False)
+    return report
 
 
 def check_resumable(state: dict[str, Any], path: Path, config: TrainConfig, classes: tuple[str, ...]) -> None:

@@ -18,6 +18,7 @@ from dbf_ext.freeze import (
     NeverFrozen,
     StepInterval,
 )
+from dbf_ext.regularizers import DEFAULT_L2_WEIGHT, DEFAULT_VARIANCE_WEIGHT
 from dbf_ext.train.model import MODELS
 
 SCHEDULES = ("step-interval", "even-interval", "always-frozen", "never-frozen", "frozen-after",
@@ -83,6 +84,13 @@ class TrainConfig:
     eval_every: int = 0  # 0: evaluate after the last epoch only
     seed: int = 0
     resume: bool = False
+    # Weights to start from (a training checkpoint or a state dict): every tensor whose name
+    # and shape match is loaded; a new run, not a resume.
+    init_from: str | None = None
+    # The feature-enhancement regulariser (dbf_ext.regularizers), added in trained epochs.
+    feature_enhancement: bool = False
+    fe_l2_weight: float = DEFAULT_L2_WEIGHT
+    fe_variance_weight: float = DEFAULT_VARIANCE_WEIGHT
     overwrite: bool = False  # a new run may replace the run in output_dir
     label_errors: str = "raise"  # malformed label lines: "raise" or "warn" (warned and dropped)
 
@@ -101,6 +109,12 @@ class TrainConfig:
         if self.resume and self.overwrite:
             raise ValueError("resume and overwrite exclude each other: --resume continues the run "
                              "in the output folder, --overwrite replaces it")
+        if self.resume and self.init_from:
+            raise ValueError("resume and init_from exclude each other: --resume continues the run "
+                             "in the output folder, --init-from starts a new run from given weights")
+        if self.fe_l2_weight < 0 or self.fe_variance_weight < 0:
+            raise ValueError(f"the feature-enhancement weights must be >= 0, got "
+                             f"{self.fe_l2_weight}, {self.fe_variance_weight}")
         if self.label_errors not in ("raise", "warn"):
             raise ValueError(f"label_errors must be 'raise' or 'warn', got {self.label_errors!r}")
         resolve_device(self.device)

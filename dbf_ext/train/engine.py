@@ -18,15 +18,15 @@ from torch.utils.data import DataLoader
 from dbf_ext.cache import CacheAwareDataset, CachedBackbone, FeatureCache, cache_aware_collate
 from dbf_ext.data import DotaDetectionDataset
 from dbf_ext.evaluation import eval_map
-from dbf_ext.freeze import (
-    apply_dbf,
-)
+from dbf_ext.freeze import apply_dbf
+from dbf_ext.regularizers import FeatureEnhancement
 from dbf_ext.train.augment import KeyedFlipDataset
 from dbf_ext.train.checkpoint import (
     append_log,
     check_resumable,
     check_run_folder,
     load_checkpoint,
+    load_matching_weights,
     load_model_weights,
     rewrite_log,
     save_checkpoint,
@@ -77,7 +77,10 @@ def train(config: TrainConfig, console: Console | None = None,
     trains; frozen epochs run it without autograd and, with a cache, serve its features from
     the :class:`~dbf_ext.cache.FeatureCache` (hits skip image decoding too). Writes
     ``log.jsonl`` (one line per epoch) and ``checkpoint.pt`` (resumable with ``resume=True``)
-    to ``config.output_dir``. Axis-aligned boxes (from the DOTA polygons) until a rotated
+    to ``config.output_dir``. ``init_from`` starts a new run from the weights of another
+    (matching names and shapes; what was skipped is printed). With ``feature_enhancement`` the
+    :class:`~dbf_ext.regularizers.FeatureEnhancement` term of the trunk is added to the loss in
+    epochs where the backbone trains. Axis-aligned boxes (from the DOTA polygons) until a rotated
     detector exists.
     """
     config.validate()
@@ -96,6 +99,12 @@ def train(config: TrainConfig, console: Console | None = None,
     out.mkdir(parents=True, exist_ok=True)
     keyed = KeyedFlipDataset(train_set, hflip=config.hflip, seed=config.seed)
     model = build_detector(config.model, train_set.num_classes, config.image_size)
+    init_report = None
+    if config.init_from:
+        init_report = load_matching_weights(model, config.init_from)
+        console.print(f"initialised from {config.init_from}:")
+        for line in init_report.lines():
+            console.print(f"  {line}")
     dbf = apply_dbf(model, config.freeze_schedule())
     dynamic = None
     if config.dynamic_rcnn:
@@ -110,6 +119,10 @@ def train(config: TrainConfig, console: Console | None = None,
         cached.watch_input_sizes(model.transform)
         model.backbone.body = cached
     model.to(device)
+    enhancement = None
+    if config.feature_enhancement:
+        enhancement = FeatureEnhancement(dbf.backbone, l2_weight=config.fe_l2_weight,
+                                         variance_weight=config.fe_variance_weight)
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
@@ -163,6 +176,7 @@ def train(config: TrainConfig, console: Console | None = None,
         lookups_before = (cached.cache.stats.hits + cached.cache.stats.misses) if cached is not None else 0
         model.train()
         sums: dict[str, float] = {}
+        enhancement_sums: dict[str, float] = {}
         images_seen = 0
         started = time.perf_counter()
         with progress_bar(console) as progress:
@@ -179,6 +193,8 @@ def train(config: TrainConfig, console: Console | None = None,
                             functools.partial(_cached_forward, model, cached), images, keys, targets)
                     else:
                         losses = model(images, targets)
+                    if enhancement is not None and not frozen:
+                        losses["feature_enhancement"] = enhancement()
                     loss = sum(losses.values())
                 if not torch.isfinite(loss):
                     parts = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items())
@@ -192,9 +208,14 @@ def train(config: TrainConfig, console: Console | None = None,
                 scheduler.step()
                 for name, value in losses.items():
                     sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(images)
+                if "feature_enhancement" in losses:
+                    for name, value in enhancement.parts.items():
+                        enhancement_sums[name] = enhancement_sums.get(name, 0.0) + float(value)
                 images_seen += len(images)
                 rate = images_seen / (time.perf_counter() - started)
                 info = f"loss {float(loss.detach()):.3f}  {rate:.1f} img/s"
+                if "feature_enhancement" in losses:
+                    info += f"  feature enhancement {float(losses['feature_enhancement'].detach()):.3g}"
                 if cached is not None:
                     info += f"  cache hits {_hit_rate(cached.cache, hits_before, lookups_before):.0%}"
                 progress.update(task, advance=1, info=info)
@@ -206,6 +227,8 @@ def train(config: TrainConfig, console: Console | None = None,
         if cached is not None:
             record.cache_hit_rate = _hit_rate(cached.cache, hits_before, lookups_before)
             record.cache_bytes = sum(cached.cache.bytes_used().values())
+        if enhancement_sums:
+            record.feature_enhancement = {k: v / step for k, v in enhancement_sums.items()}
         if dynamic is not None:
             record.dynamic_rcnn = {"iou_threshold": dynamic.iou_threshold, "beta": dynamic.beta}
         last = epoch == config.epochs - 1
@@ -237,7 +260,7 @@ def train(config: TrainConfig, console: Console | None = None,
         last_evaluation = evaluate(model, val_set, device)
     final_map, per_class = last_evaluation
     return TrainResult(config, history, train_set.classes, final_map, per_class,
-                       cached.cache.summary() if cached is not None else None)
+                       cached.cache.summary() if cached is not None else None, init_report)
 
 
 def _cached_forward(model, cached: CachedBackbone, images, keys, targets):

@@ -25,6 +25,31 @@ class EpochRecord:
     cache_bytes: int | None = None
     map50: float | None = None
     dynamic_rcnn: dict[str, float] | None = None
+    # Mean unweighted parts of the feature-enhancement term ("l2", "variance") over the
+    # epoch's steps; None in frozen epochs and runs without it.
+    feature_enhancement: dict[str, float] | None = None
+
+
+@dataclasses.dataclass
+class InitReport:
+    """What :func:`~dbf_ext.train.checkpoint.load_matching_weights` did, by state-dict name."""
+
+    loaded: list[str]
+    skipped: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # name, shape in file, in model
+    missing: list[str]  # in the model, not in the file: keep their initialisation
+    unused: list[str]  # in the file, not in the model
+
+    def lines(self) -> list[str]:
+        """One line each: loaded, skipped by shape, missing, unused."""
+        total = len(self.loaded) + len(self.skipped) + len(self.missing)
+        skipped = ", ".join(f"{name} {list(file)} -> {list(model)}" for name, file, model in self.skipped)
+        return [
+            f"loaded {len(self.loaded)} of the model's {total} tensors",
+            f"skipped (shape differs, file -> model) {len(self.skipped)}: {skipped or '-'}",
+            f"missing from the file (initialised afresh) {len(self.missing)}: "
+            f"{', '.join(self.missing) or '-'}",
+            f"unused (not in this model) {len(self.unused)}: {', '.join(self.unused) or '-'}",
+        ]
 
 
 @dataclasses.dataclass
@@ -35,6 +60,7 @@ class TrainResult:
     final_map50: float | None
     per_class_ap: dict[str, float]
     cache_summary: dict[str, Any] | None
+    init_report: InitReport | None = None  # what --init-from loaded
 
 
 # Width of a console that is not a terminal: wide enough that rich never wraps a line.
