@@ -97,7 +97,7 @@ def train(config: TrainConfig, console: Console | None = None,
     keyed = KeyedFlipDataset(train_set, hflip=config.hflip, seed=config.seed)
     model = build_detector(config.model, train_set.num_classes, config.image_size)
     initial_weights = config.initial_backbone_weights()
-    if initial_weights is not None:
+    if initial_weights is not None and state is None:  # a resumed run has its weights already
         console.print(load_backbone_weights(model, initial_weights))
     dbf = apply_dbf(model, config.freeze_schedule())
     dynamic = None
