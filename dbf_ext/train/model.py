@@ -131,8 +131,8 @@ def build_detector(name: str, num_classes: int, image_size: int) -> FasterRCNN:
 
     The ResNet and tiny trunks use ordinary BatchNorm (trained from scratch, so it cannot be
     frozen statistics): the frozen-backbone wrapper puts it in eval mode while frozen. The Swin
-    trunks use LayerNorm (no running statistics) and no stochastic depth or dropout (torchvision's
-    defaults for the classifiers built with ``weights=None``).
+    trunks use LayerNorm (no running statistics) and torchvision's stochastic depth (rate up to
+    0.2 in the last block): active while the trunk trains, off while it is frozen.
     Classification weights go into the trunk with :func:`load_backbone_weights`.
     """
     if name not in MODELS:
