@@ -43,8 +43,9 @@ class SwinTrunk(nn.Module):
 
     ``forward(images (B, 3, H, W))`` returns an ``OrderedDict`` like torchvision's
     ``IntermediateLayerGetter``: ``"0"`` ``(B, C, H/4, W/4)``, ``"1"`` ``(B, 2C, H/8, W/8)``,
-    ``"2"`` ``(B, 4C, H/16, W/16)``, ``"3"`` ``(B, 8C, H/32, W/32)`` (sides rounded up; ``C`` the
-    embedding dimension, 96 for Swin-T), float, contiguous NCHW.
+    ``"2"`` ``(B, 4C, H/16, W/16)``, ``"3"`` ``(B, 8C, H/32, W/32)`` (``C`` the embedding dimension, 96 for
+    Swin-T; the patch embedding rounds ``H/4`` down, each patch merging halves rounding up),
+    float, contiguous NCHW.
     """
 
     def __init__(self, swin: SwinTransformer):
