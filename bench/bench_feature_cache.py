@@ -1,8 +1,9 @@
 """Feature cache: a frozen epoch with and without the cache, bytes per image per storage dtype,
 and host / disk tier throughput.
 
-CPU: a Faster R-CNN with a ResNet-50 FPN on synthetic 512 x 512 tiles; GPU (when present):
-the same at 1024 x 1024. Run: ``python -m pytest bench/bench_feature_cache.py --benchmark-only``.
+CPU: a Faster R-CNN with a ResNet-50 FPN, and one with a Swin-T FPN (torchvision's ``swin_t``
+trunk, :class:`dbf_ext.train.model.SwinBackboneWithFPN`), on synthetic 512 x 512 tiles; GPU
+(when present): the same at 1024 x 1024. Run: ``python -m pytest bench/bench_feature_cache.py --benchmark-only``.
 """
 
 from __future__ import annotations
@@ -10,16 +11,18 @@ from __future__ import annotations
 import pytest
 import torch
 from torch import nn
+from torchvision.models import swin_t
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from dbf_ext.cache import CachedBackbone, FeatureCache, SlabLayout
 from dbf_ext.freeze import FrozenBackbone
+from dbf_ext.train.model import SwinBackboneWithFPN
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
 IMAGE = 1024 if ON_GPU else 512
-BACKBONE = "resnet50"
+BACKBONES = ("resnet50", "swin_t")
 NUM_IMAGES, BATCH = (16, 4) if ON_GPU else (4, 2)
 
 
@@ -29,10 +32,13 @@ NUM_IMAGES, BATCH = (16, 4) if ON_GPU else (4, 2)
 FROZEN_PARTS = {"trunk": "body", "trunk+FPN": None}
 
 
-def make_model(part: str = "trunk"):
+def make_model(part: str = "trunk", trunk: str = "resnet50"):
     torch.manual_seed(0)
-    backbone = resnet_fpn_backbone(backbone_name=BACKBONE, weights=None, trainable_layers=5,
-                                   norm_layer=nn.BatchNorm2d)
+    if trunk == "swin_t":
+        backbone = SwinBackboneWithFPN(swin_t(weights=None))
+    else:
+        backbone = resnet_fpn_backbone(backbone_name=trunk, weights=None, trainable_layers=5,
+                                       norm_layer=nn.BatchNorm2d)
     model = FasterRCNN(backbone, num_classes=4, min_size=IMAGE, max_size=IMAGE).to(DEVICE)
     attribute = FROZEN_PARTS[part]
     frozen = FrozenBackbone(getattr(model.backbone, attribute) if attribute else model.backbone)
@@ -77,10 +83,11 @@ def frozen_epoch(model, optimizer, data, cached: CachedBackbone | None):
         torch.cuda.synchronize()
 
 
+@pytest.mark.parametrize("trunk", BACKBONES)
 @pytest.mark.parametrize("part", list(FROZEN_PARTS))
 @pytest.mark.parametrize("variant", ["no cache", "cache hits (bfloat16)"])
-def test_frozen_epoch(benchmark, part, variant):
-    model, frozen = make_model(part)
+def test_frozen_epoch(benchmark, part, variant, trunk):
+    model, frozen = make_model(part, trunk)
     cached = None
     data = dataset()
     if variant != "no cache":
@@ -94,7 +101,7 @@ def test_frozen_epoch(benchmark, part, variant):
     frozen_epoch(model, optimizer, data, cached)  # warm-up; fills the cache
     if cached is not None:
         hits_before, misses_before = cached.cache.stats.hits, cached.cache.stats.misses
-    benchmark.group = f"frozen epoch ({part} frozen): {NUM_IMAGES} images {IMAGE}px, {BACKBONE}-FPN"
+    benchmark.group = f"frozen epoch ({part} frozen): {NUM_IMAGES} images {IMAGE}px, {trunk}-FPN"
     benchmark.extra_info.update(device=DEVICE, images=NUM_IMAGES, batch=BATCH)
     benchmark.pedantic(frozen_epoch, (model, optimizer, data, cached), rounds=3, iterations=1)
     if cached is not None:

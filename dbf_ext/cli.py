@@ -126,6 +126,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
         fe_variance_weight=args.fe_variance_weight,
         overwrite=args.overwrite,
         label_errors=args.label_errors,
+        backbone_weights=args.backbone_weights,
+        pretrained=args.pretrained,
     )
     return _run_training(config, args.plot)
 
@@ -208,6 +210,13 @@ def build_parser() -> argparse.ArgumentParser:
                     help="replace the run in OUTPUT (without it, a folder holding a run is refused)")
     tr.add_argument("--model", choices=MODELS, default=defaults.model,
                     help="detector (default %(default)s): " + ", ".join(MODELS))
+    tr.add_argument("--backbone-weights", metavar="PATH",
+                    help="initialise the trunk from a torchvision classification model's state dict "
+                         "file (torch.save(torchvision.models.resnet50(...).state_dict(), PATH); "
+                         "its classifier head is skipped)")
+    tr.add_argument("--pretrained", action="store_true",
+                    help="initialise the trunk with torchvision's ImageNet weights from the local "
+                         "torch hub cache (never downloads; an error says how to get them)")
     tr.add_argument("--image-size", type=int, default=defaults.image_size,
                     help="images are resized so their sides are at most this (default %(default)s)")
     tr.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs to train (default %(default)s)")

@@ -81,7 +81,9 @@ class CachedBackbone(nn.Module):
     it was stored (a frozen backbone treats each sample independently: normalisation in eval
     mode). A backbone's result for a sample can depend on the batch size it runs at by a few
     ULP (convolution algorithms are chosen per shape), so a hit equals recomputation when it
-    was computed at the same batch size.
+    was computed at the same batch size. Outputs of any memory layout are stored (the pack
+    kernel reads them through their strides: channels-last, or NCHW views of a transformer's
+    NHWC tensors); hits come back as contiguous NCHW tensors with the same values.
 
     On a GPU, host and disk hits are copied on a side stream while the misses are computed.
     """

@@ -19,7 +19,7 @@ from dbf_ext.freeze import (
     StepInterval,
 )
 from dbf_ext.regularizers import DEFAULT_L2_WEIGHT, DEFAULT_VARIANCE_WEIGHT
-from dbf_ext.train.model import MODELS
+from dbf_ext.train.model import MODELS, pretrained_weights_path
 
 SCHEDULES = ("step-interval", "even-interval", "always-frozen", "never-frozen", "frozen-after",
              "frozen-until")
@@ -93,6 +93,8 @@ class TrainConfig:
     fe_variance_weight: float = DEFAULT_VARIANCE_WEIGHT
     overwrite: bool = False  # a new run may replace the run in output_dir
     label_errors: str = "raise"  # malformed label lines: "raise" or "warn" (warned and dropped)
+    backbone_weights: str | None = None  # classification state dict file loaded into the trunk
+    pretrained: bool = False  # the trunk's ImageNet weights from the local torch hub cache
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -119,6 +121,18 @@ class TrainConfig:
             raise ValueError(f"label_errors must be 'raise' or 'warn', got {self.label_errors!r}")
         resolve_device(self.device)
         parse_cache_spec(self.cache)
+        if self.pretrained and self.backbone_weights:
+            raise ValueError("--pretrained and --backbone-weights exclude each other: both set the "
+                             "trunk's initial weights")
+        weights = self.initial_backbone_weights()  # with --pretrained: raises when not cached
+        if weights is not None and not weights.is_file():
+            raise FileNotFoundError(f"backbone weights file {weights} does not exist")
+
+    def initial_backbone_weights(self) -> Path | None:
+        """The file whose weights initialise the trunk (``None``: random initialisation)."""
+        if self.pretrained:
+            return pretrained_weights_path(self.model)
+        return Path(self.backbone_weights) if self.backbone_weights else None
 
     def freeze_schedule(self) -> FreezeSchedule:
         return {

@@ -32,7 +32,7 @@ from dbf_ext.train.checkpoint import (
     save_checkpoint,
 )
 from dbf_ext.train.config import TrainConfig, parse_cache_spec, resolve_device
-from dbf_ext.train.model import build_detector
+from dbf_ext.train.model import build_detector, load_backbone_weights
 from dbf_ext.train.report import EpochRecord, TrainResult, epoch_line, output_console, progress_bar
 
 logger = logging.getLogger(__name__)
@@ -99,8 +99,11 @@ def train(config: TrainConfig, console: Console | None = None,
     out.mkdir(parents=True, exist_ok=True)
     keyed = KeyedFlipDataset(train_set, hflip=config.hflip, seed=config.seed)
     model = build_detector(config.model, train_set.num_classes, config.image_size)
+    initial_weights = config.initial_backbone_weights()
+    if initial_weights is not None and state is None:  # a resumed run has its weights already
+        console.print(load_backbone_weights(model, initial_weights))
     init_report = None
-    if config.init_from:
+    if config.init_from:  # after the trunk's weights: the checkpoint's tensors take precedence
         init_report = load_matching_weights(model, config.init_from)
         console.print(f"initialised from {config.init_from}:")
         for line in init_report.lines():
