@@ -134,3 +134,19 @@ def random_masks(
     rectangle = (u.abs() <= 1) & (v.abs() <= 1)
     is_rectangle = (torch.arange(n) % 2 == 1)[:, None, None]
     return torch.where(is_rectangle, rectangle, ellipse)
+
+
+def random_detection_batch(
+    batch_size: int, image_size: int, generator: torch.Generator, objects: int = 3, classes: int = 2
+) -> tuple[list[Tensor], list[dict[str, Tensor]]]:
+    """Images ``(3, S, S)`` uniform in [0, 1) and torchvision detection targets (``boxes``
+    ``(objects, 4)`` x1 y1 x2 y2 with sides 10-30 px in the top-left 90 px, ``labels`` in
+    ``[1, classes]``), drawn from ``generator``."""
+    images = [torch.rand(3, image_size, image_size, generator=generator) for _ in range(batch_size)]
+    targets = []
+    for _ in range(batch_size):
+        xy = torch.rand(objects, 2, generator=generator) * 60
+        sides = 10 + torch.rand(objects, 2, generator=generator) * 20
+        targets.append({"boxes": torch.cat([xy, xy + sides], 1),
+                        "labels": torch.randint(1, classes + 1, (objects,), generator=generator)})
+    return images, targets

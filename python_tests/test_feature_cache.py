@@ -23,6 +23,7 @@ from dbf_ext.cache import (
 )
 from dbf_ext.cache import store as store_module
 from dbf_ext.freeze import FrozenBackbone
+from dbf_ext.testing import random_detection_batch
 
 IMAGE = 96
 
@@ -51,12 +52,7 @@ def batches(num_batches: int = 2, batch_size: int = 2):
     g = torch.Generator().manual_seed(5)
     out = []
     for b in range(num_batches):
-        images = [torch.rand(3, IMAGE, IMAGE, generator=g) for _ in range(batch_size)]
-        targets = []
-        for _ in range(batch_size):
-            xy = torch.rand(3, 2, generator=g) * 60
-            targets.append({"boxes": torch.cat([xy, xy + 10 + torch.rand(3, 2, generator=g) * 20], 1),
-                            "labels": torch.randint(1, 3, (3,), generator=g)})
+        images, targets = random_detection_batch(batch_size, IMAGE, g)
         keys = [(f"img{b}_{i}", "noflip") for i in range(batch_size)]
         out.append((images, targets, keys))
     return out

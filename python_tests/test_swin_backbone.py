@@ -29,6 +29,7 @@ from dbf_ext.cache import CachedBackbone, FeatureCache
 from dbf_ext.cli import main
 from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
 from dbf_ext.freeze import AlwaysFrozen, FrozenBackbone, apply_dbf
+from dbf_ext.testing import random_detection_batch
 from dbf_ext.train import MODELS, TrainConfig, build_detector
 from dbf_ext.train.model import (
     SWIN_STAGES,
@@ -81,14 +82,7 @@ def assert_bit_identical(actual: torch.Tensor, expected: torch.Tensor, what: str
 
 
 def detection_batch(batch_size: int = 2, seed: int = 5):
-    g = torch.Generator().manual_seed(seed)
-    images = [torch.rand(3, IMAGE, IMAGE, generator=g) for _ in range(batch_size)]
-    targets = []
-    for _ in range(batch_size):
-        xy = torch.rand(3, 2, generator=g) * 60
-        targets.append({"boxes": torch.cat([xy, xy + 10 + torch.rand(3, 2, generator=g) * 20], 1),
-                        "labels": torch.randint(1, 3, (3,), generator=g)})
-    return images, targets
+    return random_detection_batch(batch_size, IMAGE, torch.Generator().manual_seed(seed))
 
 
 @pytest.mark.parametrize("version", VERSIONS)
