@@ -199,26 +199,30 @@ def train(config: TrainConfig, console: Console | None = None,
                     if enhancement is not None and not frozen:
                         losses["feature_enhancement"] = enhancement()
                     loss = sum(losses.values())
-                if not torch.isfinite(loss):
-                    parts = ", ".join(f"{name} {value.item():.4g}" for name, value in losses.items())
+                # Each term read back once per step: for the finiteness check, the epoch means
+                # and the progress line.
+                values = {name: float(value.detach()) for name, value in losses.items()}
+                loss_value = float(loss.detach())
+                if not math.isfinite(loss_value):
+                    parts = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
                     raise FloatingPointError(
-                        f"loss became {loss.item()} in epoch {epoch}, step {step} of "
+                        f"loss became {loss_value} in epoch {epoch}, step {step} of "
                         f"{steps_per_epoch} ({parts}); lower the learning rate (--lr)")
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 scaler.step(optimizer)
                 scaler.update()
                 scheduler.step()
-                for name, value in losses.items():
-                    sums[name] = sums.get(name, 0.0) + float(value.detach()) * len(images)
-                if "feature_enhancement" in losses:
+                for name, value in values.items():
+                    sums[name] = sums.get(name, 0.0) + value * len(images)
+                if "feature_enhancement" in values:
                     for name, value in enhancement.parts.items():
                         enhancement_sums[name] = enhancement_sums.get(name, 0.0) + float(value)
                 images_seen += len(images)
                 rate = images_seen / (time.perf_counter() - started)
-                info = f"loss {float(loss.detach()):.3f}  {rate:.1f} img/s"
-                if "feature_enhancement" in losses:
-                    info += f"  feature enhancement {float(losses['feature_enhancement'].detach()):.3g}"
+                info = f"loss {loss_value:.3f}  {rate:.1f} img/s"
+                if "feature_enhancement" in values:
+                    info += f"  feature enhancement {values['feature_enhancement']:.3g}"
                 if cached is not None:
                     info += f"  cache hits {_hit_rate(cached.cache, hits_before, lookups_before):.0%}"
                 progress.update(task, advance=1, info=info)
