@@ -275,6 +275,10 @@ def test_backbone_weights_of_another_shape_or_model_name_the_file(tmp_path):
     torch.save(torchvision.models.resnet18(weights=None).state_dict(), resnet)
     with pytest.raises(ValueError, match=rf"{resnet} lacks"):
         load_backbone_weights(model, resnet)
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_bytes(resnet.read_bytes()[:1000])  # a one-line error, not torch's traceback
+    with pytest.raises(ValueError, match=rf"backbone weights file {damaged} cannot be read"):
+        load_backbone_weights(model, damaged)
 
 
 def test_pretrained_reads_the_torch_hub_cache_and_never_downloads(tmp_path, monkeypatch):

@@ -7,6 +7,7 @@ import dataclasses
 import json
 import os
 import pickle
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -26,19 +27,26 @@ _CHECKPOINT_KEYS = ("epoch", "model", "optimizer", "scheduler", "scaler", "dbf",
                     "cache", "history", "config", "classes")
 
 
-def _read(path: Path, map_location: str | torch.device) -> Any:
+def _first_line(err: BaseException) -> str:
+    """torch's load errors carry messages of many lines; the first says what went wrong."""
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def read_weights_file(path: str | Path, map_location: str | torch.device = "cpu",
+                      what: str = "checkpoint") -> Any:
     """``torch.load(path, weights_only=True)``; a missing file is ``FileNotFoundError``, an
-    unreadable one a one-line :class:`CheckpointError`."""
+    unreadable one a one-line :class:`CheckpointError` (``what`` names the file's role)."""
+    path = Path(path)
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
+        raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
     # torch.load reports damage by RuntimeError (zip), UnpicklingError (not plain data),
-    # EOFError (empty) or ValueError, with messages of many lines.
+    # EOFError (empty) or ValueError.
     except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CheckpointError(f"checkpoint {path} cannot be read (corrupt, truncated or not a "
-                              f"dbf-ext checkpoint): {first_line}") from None
+        raise CheckpointError(f"{what} {path} cannot be read (corrupt, truncated or not plain "
+                              f"tensors saved by torch): {_first_line(err)}") from None
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
@@ -48,7 +56,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     or is not such a checkpoint, ``FileNotFoundError`` when it does not exist.
     """
     path = Path(path)
-    state = _read(path, map_location)
+    state = read_weights_file(path, map_location)
     missing = [key for key in _CHECKPOINT_KEYS if not isinstance(state, dict) or key not in state]
     if missing:
         raise CheckpointError(f"{path} is not a dbf-ext training checkpoint of this version "
@@ -61,9 +69,8 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str 
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as err:
-        first_line = str(err).strip().splitlines()[0]
         raise CheckpointError(f"the weights in {path} do not fit model {state['config']['model']} "
-                              f"with {len(state['classes'])} classes: {first_line}") from None
+                              f"with {len(state['classes'])} classes: {_first_line(err)}") from None
 
 
 def load_matching_weights(model: torch.nn.Module, path: str | Path) -> InitReport:
@@ -77,7 +84,7 @@ def load_matching_weights(model: torch.nn.Module, path: str | Path) -> InitRepor
     fine-tuning run but start from scratch).
     """
     path = Path(path)
-    state = _read(path, "cpu")
+    state = read_weights_file(path, "cpu", what="weights file")
     weights = state.get("model") if isinstance(state, dict) and "model" in state else state
     if not isinstance(weights, dict) or not all(
             isinstance(k, str) and torch.is_tensor(v) for k, v in weights.items()):
@@ -108,14 +115,20 @@ def check_resumable(state: dict[str, Any], path: Path, config: TrainConfig, clas
         )
 
 
-def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+def _write_durably(path: Path, mode: str, write: Callable[[Any], None]) -> None:
+    """``write(file)`` into a file beside ``path``, synced, then renamed over ``path`` and the
+    rename synced: a crash leaves the old file or the new one, never half of either."""
     partial = path.with_suffix(".partial")
-    with partial.open("wb") as file:
-        torch.save(state, file)
+    with partial.open(mode) as file:
+        write(file)
         file.flush()
         os.fsync(file.fileno())
-    os.replace(partial, path)  # a crash never leaves a half-written checkpoint behind
+    os.replace(partial, path)
     _sync_folder(path.parent)
+
+
+def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    _write_durably(path, "wb", lambda file: torch.save(state, file))
 
 
 def _sync_folder(folder: Path) -> None:
@@ -142,13 +155,7 @@ def append_log(path: Path, record: EpochRecord) -> None:
 def rewrite_log(path: Path, history: list[EpochRecord]) -> None:
     """The log of the epochs a checkpoint holds: lines a crash left past the checkpoint (or
     cut in half) go, a line the crash kept from being written comes back."""
-    partial = path.with_suffix(".partial")
-    with partial.open("w") as log:
-        log.writelines(_log_line(record) for record in history)
-        log.flush()
-        os.fsync(log.fileno())
-    os.replace(partial, path)
-    _sync_folder(path.parent)
+    _write_durably(path, "w", lambda log: log.writelines(_log_line(record) for record in history))
 
 
 def check_run_folder(config: TrainConfig, out: Path) -> None:

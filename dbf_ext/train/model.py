@@ -209,9 +209,11 @@ def load_backbone_weights(model: nn.Module, path: str | Path) -> str:
 
     Returns one line saying what was loaded and what was skipped.
     """
+    from dbf_ext.train.checkpoint import read_weights_file  # it imports this module
+
     trunk = model.backbone.body
     expected = trunk.state_dict()
-    given = torch.load(path, map_location="cpu", weights_only=True)
+    given = read_weights_file(path, what="backbone weights file")
     if not isinstance(given, dict) or not all(isinstance(v, Tensor) for v in given.values()):
         raise ValueError(f"{path} is not a state dict (a dict of tensors)")
     missing = [key for key in expected if key not in given]
