@@ -107,7 +107,7 @@ class DotaDetectionDataset(Dataset):
     def image_size(self, idx: int) -> tuple[int, int]:
         """``(width, height)`` of image ``idx``, read from the file header (no decoding)."""
         path = self.image_path(idx)
-        with _reading(path), Image.open(path) as image:
+        with reading_image(path), Image.open(path) as image:
             return image.size
 
     def load_image(self, idx: int) -> Tensor:
@@ -120,7 +120,7 @@ class DotaDetectionDataset(Dataset):
         :class:`ImageReadError`, as do corrupt and truncated files.
         """
         path = self.image_path(idx)
-        with _reading(path), Image.open(path) as image:
+        with reading_image(path), Image.open(path) as image:
             return _to_rgb_tensor(image, path)
 
     def load_target(self, idx: int) -> Target:
@@ -150,7 +150,7 @@ class DotaDetectionDataset(Dataset):
 
 
 @contextlib.contextmanager
-def _reading(path: Path) -> Iterator[None]:
+def reading_image(path: Path) -> Iterator[None]:
     """Turns Pillow's errors on a bad file (which rarely name it) into :class:`ImageReadError`."""
     try:
         yield

@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from dbf_ext import boxes as box_ops
-from dbf_ext.data.dataset import ImageReadError
+from dbf_ext.data.dataset import ImageReadError, reading_image
 from dbf_ext.data.dota import boxes_to_polygons, write_dota_labels
 
 # Single-channel PIL modes: bilevel, 8-bit grey, palette (indices), 16- and 32-bit integers.
@@ -36,13 +36,10 @@ def read_instance_map(path: str | Path) -> np.ndarray:
     that cannot be decoded, has several channels or holds negative values.
     """
     path = Path(path)
-    try:
-        with Image.open(path) as image:
-            image.load()
-            mode = image.mode
-            values = np.array(image)
-    except (OSError, SyntaxError) as err:  # Pillow's errors for corrupt and truncated files
-        raise ImageReadError(f"{path}: cannot read the PNG: {err}") from None
+    with reading_image(path), Image.open(path) as image:
+        image.load()
+        mode = image.mode
+        values = np.array(image)
     if mode not in _SINGLE_CHANNEL_MODES:
         raise ImageReadError(
             f"{path}: an instance map must have one channel (grey or palette), got mode {mode}"
