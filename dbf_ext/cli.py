@@ -113,6 +113,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cache=args.cache,
         cache_dir=args.cache_dir,
         hflip=args.hflip,
+        vflip=args.vflip,
         dynamic_rcnn=args.dynamic_rcnn,
         amp=not args.no_amp,
         device=args.device,
@@ -133,19 +134,21 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dbf_ext.data import DotaDetectionDataset
     from dbf_ext.train import build_detector, evaluate, load_checkpoint, load_model_weights, resolve_device
+    from dbf_ext.train.engine import load_dataset, model_box_type
 
     device = resolve_device(args.device)
     state = load_checkpoint(args.checkpoint)
     config, classes = state["config"], tuple(state["classes"])
-    # The classes the model was trained for, in its label order: the training folder may have
-    # moved or changed since.
-    dataset = DotaDetectionDataset(args.data or config["data"], args.split, classes=classes)
     model = build_detector(config["model"], len(classes), config["image_size"])
     load_model_weights(model, state, args.checkpoint)
+    box_type = model_box_type(model)
+    # The classes the model was trained for, in its label order: the training folder may have
+    # moved or changed since.
+    dataset = load_dataset(args.data or config["data"], args.split, classes, box_type)
     mean_ap, per_class = evaluate(model.to(device), dataset, device, iou_thr=args.iou_thr)
-    print(f"mAP@{args.iou_thr} (VOC07) on {len(dataset)} images of '{args.split}': {mean_ap:.4f}")
+    name = "rotated mAP" if box_type == "obb" else "mAP"
+    print(f"{name}@{args.iou_thr} (VOC07) on {len(dataset)} images of '{args.split}': {mean_ap:.4f}")
     for name, ap in per_class.items():
         print(f"  {name:24s} {ap:.4f}")
     return 0
@@ -238,6 +241,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--cache-dir", help="folder of the disk tier (default OUTPUT/feature_cache)")
     tr.add_argument("--hflip", type=float, default=defaults.hflip,
                     help="probability of a horizontal flip per sample and epoch (default %(default)s)")
+    tr.add_argument("--vflip", type=float, default=defaults.vflip,
+                    help="probability of a vertical flip per sample and epoch, drawn independently of "
+                         "--hflip: both is the diagonal flip (--hflip 0.5 --vflip 0.5: none, horizontal, "
+                         "vertical and diagonal a quarter each, as mmrotate's DOTA configs; default "
+                         "%(default)s)")
     tr.add_argument("--dynamic-rcnn", action="store_true", help="Dynamic R-CNN label assignment")
     tr.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
     tr.add_argument("--device", default="auto", help=_DEVICE_HELP)

@@ -3,9 +3,17 @@
 from dbf_ext.train.augment import KeyedFlipDataset, flip_boxes
 from dbf_ext.train.checkpoint import CheckpointError, load_checkpoint, load_matching_weights, load_model_weights
 from dbf_ext.train.config import SCHEDULES, TrainConfig, parse_cache_spec, parse_size, resolve_device
-from dbf_ext.train.engine import evaluate, train
+from dbf_ext.train.engine import evaluate, load_dataset, model_box_type, predict, train
 from dbf_ext.train.model import MODELS, build_detector
-from dbf_ext.train.report import EpochRecord, InitReport, TrainResult, output_console, plot_history, summary_rows
+from dbf_ext.train.report import (
+    EpochRecord,
+    InitReport,
+    TrainResult,
+    ValidationExample,
+    output_console,
+    plot_history,
+    summary_rows,
+)
 
 __all__ = [
     "MODELS",
@@ -16,16 +24,20 @@ __all__ = [
     "KeyedFlipDataset",
     "TrainConfig",
     "TrainResult",
+    "ValidationExample",
     "build_detector",
     "evaluate",
     "flip_boxes",
     "load_checkpoint",
+    "load_dataset",
     "load_matching_weights",
     "load_model_weights",
+    "model_box_type",
     "output_console",
     "parse_cache_spec",
     "parse_size",
     "plot_history",
+    "predict",
     "resolve_device",
     "summary_rows",
     "train",

@@ -1,5 +1,12 @@
-"""The training engine: a torchvision detector with DBF, the feature cache and Dynamic R-CNN, trained and
-evaluated epoch by epoch."""
+"""The training engine: a detector with DBF, the feature cache and Dynamic R-CNN, trained and evaluated
+epoch by epoch.
+
+Detector-agnostic: a model of axis-aligned boxes (torchvision's Faster R-CNN) or of rotated boxes
+(a model with ``box_type = "obb"``, e.g. Oriented R-CNN) is trained and evaluated by the same code.
+The model decides the box type: the DOTA polygons are loaded as enclosing axis-aligned boxes or as
+minimum-area rotated boxes (le90), flips transform them accordingly, and the evaluation is VOC07
+mAP of that box type (rotated IoU for rotated boxes).
+"""
 
 from __future__ import annotations
 
@@ -16,8 +23,8 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from dbf_ext.cache import CacheAwareDataset, CachedBackbone, FeatureCache, cache_aware_collate
-from dbf_ext.data import DotaDetectionDataset
-from dbf_ext.evaluation import eval_map
+from dbf_ext.data import DotaDetectionDataset, collate_fn
+from dbf_ext.evaluation import evaluate_detections
 from dbf_ext.freeze import apply_dbf
 from dbf_ext.regularizers import FeatureEnhancement
 from dbf_ext.train.augment import KeyedFlipDataset
@@ -33,39 +40,67 @@ from dbf_ext.train.checkpoint import (
 )
 from dbf_ext.train.config import TrainConfig, parse_cache_spec, resolve_device
 from dbf_ext.train.model import build_detector, load_backbone_weights
-from dbf_ext.train.report import EpochRecord, TrainResult, epoch_line, output_console, progress_bar
+from dbf_ext.train.report import (
+    EpochRecord,
+    TrainResult,
+    ValidationExample,
+    epoch_line,
+    output_console,
+    progress_bar,
+)
 
 logger = logging.getLogger(__name__)
 
 
-def _load_dataset(config: TrainConfig, split: str, classes=None) -> DotaDetectionDataset:
-    root = Path(config.data)
+def model_box_type(model: torch.nn.Module) -> str:
+    """The boxes a detector takes and predicts: its ``box_type`` attribute (``"obb"``: rotated
+    ``(K, 5)`` boxes), ``"hbb"`` (axis-aligned ``(K, 4)``, torchvision's) when it has none."""
+    return getattr(model, "box_type", "hbb")
+
+
+def load_dataset(root: str | Path, split: str, classes=None, box_type: str = "hbb",
+                 label_errors: str = "raise") -> DotaDetectionDataset:
+    """The ``split`` folder of the DOTA-format folder ``root`` with ``box_type`` boxes (rotated:
+    minimum-area rectangles of the polygons, le90); a missing or empty split is a one-line error."""
+    root = Path(root)
     if not (root / split).is_dir():
         raise FileNotFoundError(f"{root} has no '{split}' split (expected {root / split}/images and labelTxt)")
-    dataset = DotaDetectionDataset(root, split, classes=classes, box_type="hbb", errors=config.label_errors)
+    dataset = DotaDetectionDataset(root, split, classes=classes, box_type=box_type, errors=label_errors)
     if len(dataset) == 0:
         raise ValueError(f"no images in {root / split / 'images'}")
     return dataset
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, dataset: DotaDetectionDataset, device: torch.device,
-             batch_size: int = 8, iou_thr: float = 0.5) -> tuple[float, dict[str, float]]:
-    """VOC07 mAP at ``iou_thr`` of ``model`` on ``dataset`` (axis-aligned boxes)."""
+def predict(model: torch.nn.Module, dataset: DotaDetectionDataset, device: torch.device,
+            batch_size: int = 8) -> list[dict[str, torch.Tensor]]:
+    """``model``'s detections of every image of ``dataset``, in order, on the CPU: dicts with
+    ``boxes`` ``(K, 4)`` or ``(K, 5)`` (the model's box type), ``scores`` ``(K,)`` and ``labels``
+    ``(K,)`` (1-based, torchvision's convention). Leaves the model in eval mode."""
+    box_type = model_box_type(model)
+    if box_type != dataset.box_type:
+        raise ValueError(f"the model predicts {box_type} boxes, the dataset holds {dataset.box_type} boxes")
     model.eval()
-    detections = []
+    predictions = []
     for start in range(0, len(dataset), batch_size):
         indices = range(start, min(start + batch_size, len(dataset)))
         images = [dataset.load_image(i).to(device) for i in indices]
-        for output in model(images):
-            boxes, scores = output["boxes"].cpu().double(), output["scores"].cpu().double()
-            labels = output["labels"].cpu() - 1
-            detections.append([
-                torch.cat([boxes[labels == c], scores[labels == c, None]], 1).numpy()
-                for c in range(dataset.num_classes)
-            ])
-    mean_ap, per_class = eval_map(detections, dataset.eval_annotations(), iou_thr=iou_thr,
-                                  box_type="hbb", use_07_metric=True)
+        predictions += [{key: output[key].cpu() for key in ("boxes", "scores", "labels")}
+                        for output in model(images)]
+    return predictions
+
+
+def evaluate(model: torch.nn.Module, dataset: DotaDetectionDataset, device: torch.device,
+             batch_size: int = 8, iou_thr: float = 0.5) -> tuple[float, dict[str, float]]:
+    """VOC07 mAP at ``iou_thr`` of ``model`` on ``dataset``, and AP per class name: rotated IoU
+    for a model of rotated boxes (``dataset`` must hold the model's box type, see
+    :func:`load_dataset`); difficult objects are ignored."""
+    return _mean_ap(predict(model, dataset, device, batch_size), dataset, iou_thr)
+
+
+def _mean_ap(predictions: list[dict[str, torch.Tensor]], dataset: DotaDetectionDataset,
+             iou_thr: float = 0.5) -> tuple[float, dict[str, float]]:
+    mean_ap, per_class = evaluate_detections(predictions, dataset, iou_thr=iou_thr, use_07_metric=True)
     return float(mean_ap), {name: float(per_class[c]["ap"]) for c, name in enumerate(dataset.classes)}
 
 
@@ -80,8 +115,8 @@ def train(config: TrainConfig, console: Console | None = None,
     to ``config.output_dir``. ``init_from`` starts a new run from the weights of another
     (matching names and shapes; what was skipped is printed). With ``feature_enhancement`` the
     :class:`~dbf_ext.regularizers.FeatureEnhancement` term of the trunk is added to the loss in
-    epochs where the backbone trains. Axis-aligned boxes (from the DOTA polygons) until a rotated
-    detector exists.
+    epochs where the backbone trains. The model's box type (:func:`model_box_type`) decides how
+    the DOTA polygons are read and how mAP is computed (rotated for rotated boxes).
     """
     config.validate()
     console = console or output_console()
@@ -92,13 +127,15 @@ def train(config: TrainConfig, console: Console | None = None,
     state = load_checkpoint(checkpoint_path, map_location=device) if config.resume else None
     torch.manual_seed(config.seed)
 
-    train_set = _load_dataset(config, "train")
-    val_set = _load_dataset(config, "val", classes=train_set.classes)
+    train_set = load_dataset(config.data, "train", label_errors=config.label_errors)
     if state is not None:
         check_resumable(state, checkpoint_path, config, train_set.classes)
-    out.mkdir(parents=True, exist_ok=True)
-    keyed = KeyedFlipDataset(train_set, hflip=config.hflip, seed=config.seed)
     model = build_detector(config.model, train_set.num_classes, config.image_size)
+    box_type = model_box_type(model)
+    train_set = train_set.with_box_type(box_type)
+    val_set = load_dataset(config.data, "val", train_set.classes, box_type, config.label_errors)
+    out.mkdir(parents=True, exist_ok=True)
+    keyed = KeyedFlipDataset(train_set, hflip=config.hflip, vflip=config.vflip, seed=config.seed)
     initial_weights = config.initial_backbone_weights()
     if initial_weights is not None and state is None:  # a resumed run has its weights already
         console.print(load_backbone_weights(model, initial_weights))
@@ -174,7 +211,7 @@ def train(config: TrainConfig, console: Console | None = None,
         loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
                             num_workers=config.workers,
                             generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
-                            collate_fn=cache_aware_collate if cached is not None else _collate)
+                            collate_fn=cache_aware_collate if cached is not None else collate_fn)
         hits_before = cached.cache.stats.hits if cached is not None else 0
         lookups_before = (cached.cache.stats.hits + cached.cache.stats.misses) if cached is not None else 0
         model.train()
@@ -240,7 +277,8 @@ def train(config: TrainConfig, console: Console | None = None,
             record.dynamic_rcnn = {"iou_threshold": dynamic.iou_threshold, "beta": dynamic.beta}
         last = epoch == config.epochs - 1
         if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
-            last_evaluation = evaluate(model, val_set, device)
+            predictions = predict(model, val_set, device)
+            last_evaluation = _mean_ap(predictions, val_set)
             record.map50 = last_evaluation[0]
         history.append(record)
         # Checkpoint first, then the log line: after a crash the log never names an epoch the
@@ -264,19 +302,17 @@ def train(config: TrainConfig, console: Console | None = None,
             on_epoch_end(record)
 
     if last_evaluation is None:  # resumed after the last epoch
-        last_evaluation = evaluate(model, val_set, device)
+        predictions = predict(model, val_set, device)
+        last_evaluation = _mean_ap(predictions, val_set)
     final_map, per_class = last_evaluation
     return TrainResult(config, history, train_set.classes, final_map, per_class,
-                       cached.cache.summary() if cached is not None else None, init_report)
+                       cached.cache.summary() if cached is not None else None, init_report,
+                       box_type=box_type, example=ValidationExample.most_crowded(val_set, predictions))
 
 
 def _cached_forward(model, cached: CachedBackbone, images, keys, targets):
     with cached.batch_keys(keys):
         return model(images, targets)
-
-
-def _collate(batch):
-    return [image for image, _ in batch], [target for _, target in batch]
 
 
 def _hit_rate(cache: FeatureCache, hits_before: int, lookups_before: int) -> float:
