@@ -5,7 +5,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -47,7 +46,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(result, console) -> None:
+def _print_summary(result, console, extra_rows=()) -> None:
     from rich.table import Table
 
     from dbf_ext.train import summary_rows
@@ -55,7 +54,7 @@ def _print_summary(result, console) -> None:
     table = Table(title="dbf_ext training summary", show_header=False)
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    for name, value in summary_rows(result):
+    for name, value in [*summary_rows(result), *extra_rows]:
         table.add_row(name, value)
     console.print(table)
 
@@ -73,24 +72,18 @@ def _run_training(config, plot: str | None) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
-    from dbf_ext.train import TrainConfig
+    from dbf_ext.train import output_console
+    from dbf_ext.train.demo import run_demo
 
-    root = prepare_synthetic_dota(SyntheticConfig(), quiet=False)
-    print(f"synthetic aerial set: {root} (48 train / 16 val tiles, 4 classes)")
-    config = TrainConfig(
-        data=str(root),
-        output_dir=args.output,
-        epochs=args.epochs,
-        schedule="step-interval",
-        unfrozen_epochs=tuple(range(args.unfrozen)),
-        cache="bfloat16:cpu=1GB",
-        eval_every=4,
-        device=args.device,
-    )
-    print(f"training Faster R-CNN ({config.model}) for {config.epochs} epochs: backbone trained in "
-          f"epochs 0-{args.unfrozen - 1}, frozen after (DBF), features cached in bfloat16")
-    return _run_training(config, args.plot or str(Path(args.output) / "demo.png"))
+    console = output_console()
+    result, comparison, plot = run_demo(args.output, console, epochs=args.epochs,
+                                        unfrozen_epochs=_epoch_list(args.unfrozen_epochs),
+                                        device=args.device, compare=args.compare, plot=args.plot)
+    _print_summary(result, console, comparison)
+    if not comparison:
+        console.print("(no full fine-tuning figures for these settings: --compare measures them)")
+    console.print(f"plot written to {plot}")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -190,12 +183,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(handler=_cmd_info)
 
+    from dbf_ext.train.demo import DEMO_EPOCHS, DEMO_UNFROZEN_EPOCHS
+
     demo = commands.add_parser(
-        "demo", help="train on the embedded synthetic aerial set with DBF + feature cache")
-    demo.add_argument("--epochs", type=int, default=16, help="epochs to train (default 16)")
-    demo.add_argument("--unfrozen", type=int, default=6,
-                      help="the backbone trains in the first N epochs, frozen after (default 6)")
-    demo.add_argument("--output", default="dbf_ext_demo", help="run folder (log, checkpoint, plot)")
+        "demo", help="train an oriented detector on the embedded synthetic aerial set from a pretrained "
+                     "trunk, with DBF + feature cache, and compare with full fine-tuning")
+    demo.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs to train (default %(default)s)")
+    demo.add_argument("--unfrozen-epochs", default=",".join(map(str, DEMO_UNFROZEN_EPOCHS)),
+                      help="epochs in which the backbone trains, frozen in the others (default %(default)s)")
+    demo.add_argument("--compare", action="store_true",
+                      help="also train the full fine-tuning baseline (backbone trained in every epoch, no "
+                           "cache) and compare with it, instead of with the figures measured once")
+    demo.add_argument("--output", default="dbf_ext_demo",
+                      help="run folder (log, checkpoint, plot; a previous demo run there is replaced)")
     demo.add_argument("--plot", help="plot path (default: OUTPUT/demo.png)")
     demo.add_argument("--device", default="auto", help=_DEVICE_HELP)
     demo.set_defaults(handler=_cmd_demo)
