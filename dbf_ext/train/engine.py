@@ -148,7 +148,9 @@ def train(config: TrainConfig, console: Console | None = None,
     dbf = apply_dbf(model, config.freeze_schedule())
     dynamic = None
     if config.dynamic_rcnn:
-        dynamic = _use_dynamic_rcnn(model)
+        from dbf_ext.integrations.torchvision import use_dynamic_roi_heads
+
+        dynamic = use_dynamic_roi_heads(model)
     cache_options = parse_cache_spec(config.cache)
     cached = None
     if cache_options:
@@ -306,16 +308,6 @@ def train(config: TrainConfig, console: Console | None = None,
     return TrainResult(config, history, train_set.classes, final_map, per_class,
                        cached.cache.summary() if cached is not None else None, init_report,
                        box_type=box_type, example=ValidationExample.most_crowded(val_set, predictions))
-
-
-def _use_dynamic_rcnn(model: torch.nn.Module):
-    """Dynamic R-CNN on the model's RoI head: its own switch where it has one (the rotated head
-    of Oriented R-CNN), torchvision's heads replaced otherwise. Returns the controller."""
-    if hasattr(model.roi_heads, "use_dynamic_rcnn"):
-        return model.roi_heads.use_dynamic_rcnn()
-    from dbf_ext.integrations.torchvision import use_dynamic_roi_heads
-
-    return use_dynamic_roi_heads(model)
 
 
 def _cached_forward(model, cached: CachedBackbone, images, keys, targets):
