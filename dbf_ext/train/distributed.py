@@ -24,6 +24,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dbf_ext.assign.dynamic_rcnn import DynamicRCNNController
 from dbf_ext.cache import CacheStats
 from dbf_ext.train.config import resolve_device
 
@@ -291,6 +292,36 @@ def reduce_cache_summary(context: DistributedContext, summary: dict[str, Any]) -
     reduced["hit_rate_per_rank"] = [s["hit_rate"] for s in ranks]
     reduced["ranks"] = context.world_size
     return reduced
+
+
+def dynamic_rcnn_state(context: DistributedContext, controller: DynamicRCNNController) -> dict[str, Any]:
+    """The controller's checkpoint state: its ``state_dict`` (thresholds and step count are the
+    same on every rank) with, in a distributed run, every rank's statistics since the last
+    update under ``"rank_histories"`` (``[(iou_history, beta_history), ...]`` in rank order)."""
+    state = controller.state_dict()
+    if context.is_distributed:
+        state["rank_histories"] = context.all_gather((state["iou_history"], state["beta_history"]))
+    return state
+
+
+def load_dynamic_rcnn_state(context: DistributedContext, controller: DynamicRCNNController,
+                            state: dict[str, Any]) -> None:
+    """Resumes the controller from :func:`dynamic_rcnn_state`'s output. Each rank takes back
+    its own statistics when the checkpoint has one entry per rank of this run (so the next
+    update gathers exactly what it would have without the interruption); otherwise rank 0
+    takes all of them, in rank order, and the other ranks start empty (the next update sees the
+    same values)."""
+    controller.load_state_dict(state)
+    histories = state.get("rank_histories") or [(state["iou_history"], state["beta_history"])]
+    if len(histories) == context.world_size:
+        iou, beta = histories[context.rank]
+    elif context.is_main:
+        iou = [v for rank_iou, _ in histories for v in rank_iou]
+        beta = [v for _, rank_beta in histories for v in rank_beta]
+    else:
+        iou, beta = [], []
+    controller.iou_history = [float(v) for v in iou]
+    controller.beta_history = [float(v) for v in beta]
 
 
 def is_main_process() -> bool:

@@ -34,7 +34,9 @@ from dbf_ext.train.checkpoint import (
 from dbf_ext.train.config import TrainConfig, parse_cache_spec
 from dbf_ext.train.distributed import (
     DistributedContext,
+    dynamic_rcnn_state,
     init_distributed,
+    load_dynamic_rcnn_state,
     reduce_cache_stats,
     reduce_cache_summary,
     reduce_epoch,
@@ -197,7 +199,7 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
         scaler.load_state_dict(state["scaler"])
         dbf.load_state_dict(state["dbf"])
         if dynamic is not None and state.get("dynamic_rcnn") is not None:
-            dynamic.load_state_dict(state["dynamic_rcnn"])
+            load_dynamic_rcnn_state(context, dynamic, state["dynamic_rcnn"])
         # The job's summed statistics continue on rank 0 alone (the sum over ranks stays exact).
         if cached is not None and state.get("cache") is not None and context.is_main:
             cached.cache.load_state_dict(state["cache"])
@@ -307,6 +309,8 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
             last_evaluation = evaluate(model, val_set, device, context=context)
             record.map50 = last_evaluation[0]
         history.append(record)
+        # The parts of the checkpoint every rank contributes to (collectives: on every rank).
+        dynamic_state = dynamic_rcnn_state(context, dynamic) if dynamic is not None else None
         cache_state = None
         if cached is not None:
             cache_state = {"stats": reduce_cache_stats(context, cached.cache.state_dict()["stats"])}
@@ -320,7 +324,7 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
                 "scheduler": scheduler.state_dict(),
                 "scaler": scaler.state_dict(),
                 "dbf": dbf.state_dict(),
-                "dynamic_rcnn": dynamic.state_dict() if dynamic is not None else None,
+                "dynamic_rcnn": dynamic_state,
                 "cache": cache_state,
                 "history": [dataclasses.asdict(r) for r in history],
                 "config": dataclasses.asdict(config),
