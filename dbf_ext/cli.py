@@ -78,9 +78,12 @@ def _run_training(config, plot: str | None) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
     from dbf_ext.train import TrainConfig
+    from dbf_ext.train.distributed import is_main_process
 
-    root = prepare_synthetic_dota(SyntheticConfig(), quiet=False)
-    print(f"synthetic aerial set: {root} (48 train / 16 val tiles, 4 classes)")
+    # Under torchrun every rank prepares the set (a lost race is harmless); rank 0 reports.
+    say = print if is_main_process() else (lambda *_: None)
+    root = prepare_synthetic_dota(SyntheticConfig(), quiet=not is_main_process())
+    say(f"synthetic aerial set: {root} (48 train / 16 val tiles, 4 classes)")
     config = TrainConfig(
         data=str(root),
         output_dir=args.output,
@@ -91,8 +94,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         eval_every=4,
         device=args.device,
     )
-    print(f"training Faster R-CNN ({config.model}) for {config.epochs} epochs: backbone trained in "
-          f"epochs 0-{args.unfrozen - 1}, frozen after (DBF), features cached in bfloat16")
+    say(f"training Faster R-CNN ({config.model}) for {config.epochs} epochs: backbone trained in "
+        f"epochs 0-{args.unfrozen - 1}, frozen after (DBF), features cached in bfloat16")
     return _run_training(config, args.plot or str(Path(args.output) / "demo.png"))
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -14,13 +15,14 @@ import numpy as np
 import pytest
 import torch
 
+from dbf_ext.assign.dynamic_rcnn import DynamicRCNNController
 from dbf_ext.cache import SlabLayout
 from dbf_ext.cli import main
 from dbf_ext.data import DotaDetectionDataset
 from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
 from dbf_ext.freeze import StepInterval
 from dbf_ext.train import CacheAffineSampler, DistributedContext, build_detector, evaluate
-from dbf_ext.train.distributed import wrap_model
+from dbf_ext.train.distributed import load_dynamic_rcnn_state, wrap_model
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 LAUNCH_TIMEOUT_S = 300
@@ -211,6 +213,24 @@ def test_two_process_eval_command_equals_single_process(straight_run, capsys, on
     assert float(single.split(":")[1].split()[0]) > 0  # detections match objects at IoU 0.1
 
 
+def test_one_process_resumes_a_two_process_run(dp_set, straight_run, tmp_path, capsys):
+    """Another number of processes: the run goes on (and says what changes); the job's cache
+    counters continue and rank 0 takes every rank's pending Dynamic R-CNN statistics."""
+    straight, _ = straight_run
+    out = tmp_path / "run"
+    shutil.copytree(straight, out)
+    before = checkpoint(out)
+    assert main(train_command(dp_set, out, *DBF_RUN[2:], "--epochs", "5", "--resume")) == 0
+    assert "written by 2 process(es), this run has 1" in capsys.readouterr().out
+    after = checkpoint(out)
+    assert [r["epoch"] for r in after["history"]] == [0, 1, 2, 3, 4]
+    assert after["history"][:4] == before["history"] and after["world_size"] == 1
+    assert after["cache"]["stats"]["hits"] == before["cache"]["stats"]["hits"]  # a new cache: epoch 4 fills it
+    assert after["cache"]["stats"]["misses"] == before["cache"]["stats"]["misses"] + 8
+    pending = [v for iou, _ in before["dynamic_rcnn"]["rank_histories"] for v in iou]
+    assert after["dynamic_rcnn"]["iou_history"][:len(pending)] == pending  # no update since
+
+
 def test_ranks_disagreeing_on_the_freeze_decision_fail_loudly(dp_set, tmp_path):
     out = tmp_path / "run"
     run = torchrun(*train_command(dp_set, out, "--epochs", "3", "--unfrozen-epochs", "0", "--cache", "off"),
@@ -323,6 +343,24 @@ def test_evaluation_shards_are_the_single_process_batches(count, batch_size, ran
     shards = [DistributedContext(rank=r, world_size=ranks).shard_batches(count, batch_size) for r in range(ranks)]
     assert sorted((b for shard in shards for b in shard), key=lambda b: b.start) == single
     assert sorted(i for shard in shards for b in shard for i in b) == list(range(count))  # each once
+
+
+def test_dynamic_rcnn_statistics_resume_per_rank_or_on_rank_0():
+    controller_state = DynamicRCNNController().state_dict()
+    state = {**controller_state, "iou_history": [0.5], "beta_history": [0.2],
+             "rank_histories": [([0.5], [0.2]), ([0.6, 0.7], [])]}
+    resumed = {}
+    for world_size in (2, 3):
+        for rank in range(world_size):
+            controller = DynamicRCNNController()
+            load_dynamic_rcnn_state(DistributedContext(rank=rank, world_size=world_size), controller, state)
+            resumed[world_size, rank] = (controller.iou_history, controller.beta_history)
+    assert resumed[2, 0] == ([0.5], [0.2]) and resumed[2, 1] == ([0.6, 0.7], [])  # each its own
+    assert resumed[3, 0] == ([0.5, 0.6, 0.7], [0.2]) and resumed[3, 1] == resumed[3, 2] == ([], [])
+    single = {**controller_state, "iou_history": [0.5], "beta_history": [0.2]}  # a 1-process run's
+    controller = DynamicRCNNController()
+    load_dynamic_rcnn_state(DistributedContext(rank=1, world_size=2), controller, single)
+    assert (controller.iou_history, controller.beta_history) == ([], [])
 
 
 def test_sync_batchnorm_on_the_cpu_is_a_one_line_error():

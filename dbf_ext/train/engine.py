@@ -207,6 +207,11 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
         history = [EpochRecord(**record) for record in state["history"]]
         start_epoch = state["epoch"] + 1
         console.print(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
+        written_by = state.get("world_size", 1)
+        if written_by != context.world_size:
+            console.print(f"warning: {checkpoint_path} was written by {written_by} process(es), this "
+                          f"run has {context.world_size}: the shards, the steps per epoch and so the "
+                          "learning-rate schedule change (the run goes on, not as it would have)")
     elif context.is_main:
         checkpoint_path.unlink(missing_ok=True)  # --overwrite: no old checkpoint beside a new log
     if context.is_main:
@@ -329,6 +334,7 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
                 "history": [dataclasses.asdict(r) for r in history],
                 "config": dataclasses.asdict(config),
                 "classes": list(train_set.classes),
+                "world_size": context.world_size,
             })
             append_log(log_path, record)
         console.print(epoch_line(record))

@@ -3,16 +3,18 @@ while the backbone is frozen, so its feature cache serves its own samples.
 
 A ``DistributedSampler`` deals the whole data set out afresh every epoch: with ``W`` ranks a
 sample lands on the rank that cached it with probability ``1/W``, and a frozen epoch's cache
-hit rate falls to about ``1/W`` (12 % on 8 GPUs). :class:`CacheAffineSampler` deals shards
+hit rate falls to about ``1/W`` (12.5 % on 8 GPUs). :class:`CacheAffineSampler` deals shards
 once and re-deals them only in epochs in which the backbone trains (the caches are invalid
 then anyway) or never; within its shard each rank still sees a new order every epoch.
 
-The trade-off: between re-deals a rank's gradient comes from a fixed ``1/W`` of the data set,
-where full reshuffling mixes every sample with every other over the epochs. The gradient of a
-step is still averaged over all ranks, so each step sees ``W`` random batches of the whole
-data set drawn without replacement; what is lost is only which samples share a rank, which
-matters for batch statistics (BatchNorm in training mode; use ``--sync-bn`` when the trunk
-trains) and nothing else in a frozen epoch.
+The trade-off: between re-deals a rank draws its batches from a fixed ``1/W`` of the data set.
+A step's total batch is then one batch from each shard (a sample stratified by shard rather
+than a uniform one), and every epoch still visits every sample once; the gradient is the
+same kind of estimate. What full reshuffling adds is variety in which samples share one
+rank's batch, which matters only for computations over a rank's batch: BatchNorm in training
+mode (a frozen trunk runs none; ``--sync-bn`` pools it over ranks while the trunk trains) and
+losses normalised per batch. With ``"when-trained"`` every epoch in which the trunk trains
+deals new shards, so the trunk itself always trains on freshly dealt data.
 """
 
 from __future__ import annotations
