@@ -22,7 +22,7 @@ from dbf_ext.data import DotaDetectionDataset
 from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
 from dbf_ext.freeze import StepInterval
 from dbf_ext.train import CacheAffineSampler, DistributedContext, build_detector, evaluate
-from dbf_ext.train.distributed import load_dynamic_rcnn_state, wrap_model
+from dbf_ext.train.distributed import init_distributed, load_dynamic_rcnn_state, wrap_model
 
 WORKER = Path(__file__).with_name("distributed_worker.py")
 LAUNCH_TIMEOUT_S = 300
@@ -361,6 +361,19 @@ def test_dynamic_rcnn_statistics_resume_per_rank_or_on_rank_0():
     controller = DynamicRCNNController()
     load_dynamic_rcnn_state(DistributedContext(rank=1, world_size=2), controller, single)
     assert (controller.iou_history, controller.beta_history) == ([], [])
+
+
+@pytest.mark.skipif(torch.cuda.device_count() >= 2, reason="two GPUs would be enough")
+def test_a_gpu_per_process_or_a_one_line_error(monkeypatch):
+    """Under torchrun with two processes on this machine, --device cuda needs two GPUs; the
+    error comes before any process group is set up (nothing waits for a peer)."""
+    for name, value in {"WORLD_SIZE": "2", "RANK": "0", "LOCAL_RANK": "0", "LOCAL_WORLD_SIZE": "2"}.items():
+        monkeypatch.setenv(name, value)
+    with pytest.raises(ValueError, match="2 processes on this machine need a GPU each"):
+        init_distributed("cuda")
+    with pytest.raises(ValueError, match="--device"):
+        init_distributed("tpu")
+    assert not torch.distributed.is_initialized()
 
 
 def test_sync_batchnorm_on_the_cpu_is_a_one_line_error():

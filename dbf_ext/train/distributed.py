@@ -13,7 +13,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import inspect
-import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -27,8 +26,6 @@ from torch.nn.parallel import DistributedDataParallel
 from dbf_ext.assign.dynamic_rcnn import DynamicRCNNController
 from dbf_ext.cache import CacheStats
 from dbf_ext.train.config import resolve_device
-
-logger = logging.getLogger(__name__)
 
 Item = TypeVar("Item")
 
@@ -182,8 +179,8 @@ def _rank_device(name: str, local_rank: int, local_world_size: int) -> torch.dev
     count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if count < local_world_size:
         raise ValueError(f"--device {name}: {local_world_size} processes on this machine need a GPU "
-                         f"each, found {count} (start fewer with --nproc_per_node, or use --device "
-                         "cpu)")
+                         f"each, found {count} (start fewer with --nproc_per_node, use --device cpu, "
+                         "or --device cuda:0 to share one GPU for a smoke test)")
     return torch.device("cuda", local_rank)
 
 
