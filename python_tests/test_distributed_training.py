@@ -29,7 +29,8 @@ LAUNCH_TIMEOUT_S = 300
 RANKS = 2
 # Trained, then three frozen epochs; the cache in float32 (hits are bit-identical to the
 # features they replace, so a resumed run can match an unbroken one bit for bit).
-DBF_RUN = ("--epochs", "4", "--unfrozen-epochs", "0", "--cache", "float32:cpu=64MB", "--dynamic-rcnn")
+DBF_RUN = ("--epochs", "4", "--unfrozen-epochs", "0", "--cache", "float32:cpu=64MB", "--dynamic-rcnn",
+           "--lr", "0.02", "--scale-lr-from", "8")
 
 
 def tiles(tmp_path_factory, train_tiles: int):
@@ -119,6 +120,8 @@ def test_two_process_dbf_run_with_cache(dp_set, straight_run, monkeypatch, one_t
     assert [r["frozen"] for r in records] == [False, True, True, True]
     state = checkpoint(out)
     assert state["history"] == records
+    # --lr 0.02 for a total batch of 8, scaled linearly to this run's 2 processes x 2 images
+    assert [group["initial_lr"] for group in state["optimizer"]["param_groups"]] == [0.02 * 4 / 8]
 
     for epoch in range(4):  # every rank holds the same weights after every epoch
         first, second = (rank["epochs"][epoch]["weights"] for rank in ranks)

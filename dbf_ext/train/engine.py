@@ -178,7 +178,10 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
                                      config.reshard, is_frozen=lambda e: dbf.schedule.is_frozen(e))
         console.print(f"data-parallel: {context.world_size} processes on {device.type}, "
                       f"{config.batch_size} images each per step (total batch {total_batch}), "
-                      f"lr {lr:g}; {len(sampler)} of {len(keyed)} training images per process")
+                      f"{len(sampler)} of {len(keyed)} training images per process")
+    if config.lr_base_batch is not None and state is None:  # a resumed run goes on with its own
+        console.print(f"learning rate {config.lr:g} for a total batch of {config.lr_base_batch}, scaled "
+                      f"linearly to {lr:g} for this run's {total_batch}")
     steps_per_epoch = math.ceil((len(sampler) if sampler is not None else len(keyed)) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -210,8 +213,9 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
         written_by = state.get("world_size", 1)
         if written_by != context.world_size:
             console.print(f"warning: {checkpoint_path} was written by {written_by} process(es), this "
-                          f"run has {context.world_size}: the shards, the steps per epoch and so the "
-                          "learning-rate schedule change (the run goes on, not as it would have)")
+                          f"run has {context.world_size}: the shards and the steps per epoch change, "
+                          "and with them the cosine schedule's length in steps; the learning rate "
+                          "stays the checkpoint's (the run goes on, not as it would have)")
     elif context.is_main:
         checkpoint_path.unlink(missing_ok=True)  # --overwrite: no old checkpoint beside a new log
     if context.is_main:
