@@ -31,14 +31,13 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from dbf_ext.assign.dynamic_rcnn import DynamicRCNNController
-from dbf_ext.assign.losses import DynamicSmoothL1Loss
-from dbf_ext.assign.max_iou import batched_max_iou_assign
+from dbf_ext.assign.losses import DynamicSmoothL1Loss, fast_rcnn_losses
+from dbf_ext.assign.max_iou import assign_proposals_with_gts
 from dbf_ext.ops.max_iou_assign import MaxIoUAssignOptions
 
 __all__ = ["DynamicRoIHeads", "use_dynamic_roi_heads"]
@@ -116,27 +115,11 @@ class DynamicRoIHeads(RoIHeads):
         Returns torchvision's ``(matched_idxs, labels)``: labels ``> 0`` positive (the gt's
         class), ``0`` background, ``-1`` ignored.
         """
-        real = [p[: p.shape[0] - g.shape[0]] for p, g in zip(proposals, gt_boxes)]
         self.assign_options = dataclasses.replace(
             self.assign_options, **self.controller.assigner_options()
         )
-        results = batched_max_iou_assign(
-            real,
-            gt_boxes,
-            gt_labels,
-            **dataclasses.asdict(self.assign_options),
-            box_type="hbb",
-            return_topk_iou=self.controller.iou_topk,
-            topk_with_gts=True,
-        )
-        self.controller.record_iou([r.kth_largest_overlap for r in results])
-        matched_idxs, labels = [], []
-        for result, image_labels in zip(results, gt_labels):
-            own = torch.arange(result.num_gts, device=result.gt_inds.device)
-            matched_idxs.append(torch.cat(((result.gt_inds - 1).clamp(min=0), own)))
-            box_labels = torch.where(result.gt_inds == 0, 0, result.labels)
-            labels.append(torch.cat((box_labels, image_labels.to(torch.int64))))
-        return matched_idxs, labels
+        return assign_proposals_with_gts(proposals, gt_boxes, gt_labels, self.assign_options, "hbb",
+                                         self.controller)
 
     def forward(self, features, proposals, image_shapes, targets=None):
         """Training: Dynamic R-CNN losses, then one controller step. Inference: torchvision's."""
@@ -152,13 +135,8 @@ class DynamicRoIHeads(RoIHeads):
         positive = torch.where(labels > 0)[0]
         positive_targets = regression_targets[positive]
         box_regression = box_regression.reshape(class_logits.shape[0], -1, 4)
-        losses = {
-            "loss_classifier": F.cross_entropy(class_logits, labels),
-            "loss_box_reg": self.box_loss(
-                box_regression[positive, labels[positive]], positive_targets,
-                avg_factor=labels.numel(),
-            ),
-        }
+        losses = fast_rcnn_losses(class_logits, box_regression[positive, labels[positive]], labels,
+                                  positive_targets, self.box_loss)
         self.controller.record_beta(positive_targets, num_images)
         self.controller.step()
         return [], losses

@@ -1,33 +1,23 @@
-"""Detectors the training loop builds (torchvision Faster R-CNN variants, no downloads), and
-the loading of classification weights into their trunks."""
+"""Detection backbones (trunk + FPN) shared by the Faster R-CNN and Oriented R-CNN builders.
+
+Every backbone has the layout of torchvision's ``BackboneWithFPN``: ``backbone.body`` is the
+trunk (what DBF freezes and the feature cache serves), ``backbone.fpn`` the neck,
+``backbone.out_channels`` the FPN width; ``backbone(images (B, 3, H, W))`` returns an
+``OrderedDict`` of FPN levels, the coarsest (``"pool"``) a stride-2 max-pool of the last one.
+Weights are random (nothing is downloaded); classification weights go into ``backbone.body``
+with :func:`dbf_ext.models.load_backbone_weights`.
+"""
 
 from __future__ import annotations
 
 from collections import OrderedDict
-from pathlib import Path
 
-import torch
 from torch import Tensor, nn
 from torchvision import models
-from torchvision.models.detection import FasterRCNN
-from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
-from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.models.swin_transformer import SwinTransformer
-from torchvision.ops import FeaturePyramidNetwork, MultiScaleRoIAlign
+from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
-
-MODELS = ("tiny-fpn", "resnet18-fpn-lite", "resnet50-fpn", "swin-t-fpn", "swin-v2-t-fpn")
-
-# The torchvision classification model whose trunk each detector uses, and its ImageNet weights
-# (what --pretrained loads from the local torch hub cache). tiny-fpn has no such model.
-_CLASSIFIERS = {
-    "resnet18-fpn-lite": models.ResNet18_Weights.IMAGENET1K_V1,
-    "resnet50-fpn": models.ResNet50_Weights.IMAGENET1K_V1,
-    "swin-t-fpn": models.Swin_T_Weights.IMAGENET1K_V1,
-    "swin-v2-t-fpn": models.Swin_V2_T_Weights.IMAGENET1K_V1,
-}
-_SWIN_FACTORIES = {"swin-t-fpn": models.swin_t, "swin-v2-t-fpn": models.swin_v2_t}
 
 # The stages of torchvision's Swin in its ``features`` Sequential; the modules in between are
 # the patch embedding (0) and the patch mergings (2, 4, 6).
@@ -105,127 +95,33 @@ def tiny_trunk() -> nn.Sequential:
     ))
 
 
-# Fewer proposals and sampled RoIs than torchvision's defaults: small tiles, few objects.
-_LIGHT_HEADS = dict(
-    rpn_pre_nms_top_n_train=600,
-    rpn_post_nms_top_n_train=300,
-    rpn_pre_nms_top_n_test=300,
-    rpn_post_nms_top_n_test=150,
-    box_batch_size_per_image=128,
-)
+def tiny_fpn_backbone() -> BackboneWithFPN:
+    """:func:`tiny_trunk` with a 64-channel FPN: levels ``"0"`` (stride 8), ``"1"`` (16) and
+    ``"pool"`` (32)."""
+    return BackboneWithFPN(tiny_trunk(), {"layer1": "0", "layer2": "1"}, [64, 96], 64)
 
 
-def build_detector(name: str, num_classes: int, image_size: int) -> FasterRCNN:
-    """A Faster R-CNN with randomly initialised weights (nothing is downloaded).
-
-    Args:
-        name: ``"tiny-fpn"`` — a 4-layer conv trunk (:func:`tiny_trunk`) with a 64-channel FPN,
-            the demo's model: it learns the synthetic aerial set on a CPU in a minute;
-            ``"resnet50-fpn"`` — torchvision's standard configuration (256-channel FPN,
-            1024-d box head); ``"resnet18-fpn-lite"`` — a ResNet-18 trunk with a 64-channel FPN,
-            a 256-d box head and fewer proposals, small enough to train on a CPU in minutes
-            (for real data on a CPU); ``"swin-t-fpn"`` / ``"swin-v2-t-fpn"`` — torchvision's Swin-T
-            / Swin-V2-T trunk (:class:`SwinBackboneWithFPN`) in torchvision's standard
-            configuration otherwise (256-channel FPN on strides 4-32 plus a pooled level).
-        num_classes: object classes, background excluded.
-        image_size: images are resized so their sides are at most this (tiles are square).
-
-    The ResNet and tiny trunks use ordinary BatchNorm (trained from scratch, so it cannot be
-    frozen statistics): the frozen-backbone wrapper puts it in eval mode while frozen. The Swin
-    trunks use LayerNorm (no running statistics) and torchvision's stochastic depth (rate up to
-    0.2 in the last block): active while the trunk trains, off while it is frozen.
-    Classification weights go into the trunk with :func:`load_backbone_weights`.
-    """
-    if name not in MODELS:
-        raise ValueError(f"model must be one of {MODELS}, got {name!r}")
-    sizes = dict(min_size=image_size, max_size=image_size)
-    if name in _SWIN_FACTORIES:
-        backbone = SwinBackboneWithFPN(_SWIN_FACTORIES[name](weights=None))
-        return FasterRCNN(backbone, num_classes=num_classes + 1, **sizes)
-    if name == "resnet50-fpn":
-        backbone = resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5,
-                                       norm_layer=nn.BatchNorm2d)
-        return FasterRCNN(backbone, num_classes=num_classes + 1, **sizes)
-    channels, representation = 64, 256
-    if name == "tiny-fpn":
-        backbone = BackboneWithFPN(tiny_trunk(), {"layer1": "0", "layer2": "1"}, [64, 96], channels)
-        anchors = AnchorGenerator(sizes=((16,), (32,), (64,)), aspect_ratios=((0.5, 1.0, 2.0),) * 3)
-        return FasterRCNN(
-            backbone,
-            **sizes,
-            rpn_anchor_generator=anchors,
-            box_roi_pool=MultiScaleRoIAlign(featmap_names=["0", "1"], output_size=7, sampling_ratio=2),
-            box_head=TwoMLPHead(channels * 7 * 7, representation),
-            box_predictor=FastRCNNPredictor(representation, num_classes + 1),
-            **_LIGHT_HEADS,
-        )
+def resnet18_lite_fpn_backbone() -> BackboneWithFPN:
+    """A ResNet-18 trunk (stages 2-4) with a 64-channel FPN: levels ``"0"`` (stride 8), ``"1"``
+    (16), ``"2"`` (32) and ``"pool"`` (64)."""
     backbone = resnet_fpn_backbone(backbone_name="resnet18", weights=None, trainable_layers=5,
                                    norm_layer=nn.BatchNorm2d, returned_layers=[2, 3, 4])
-    backbone.fpn = type(backbone.fpn)([128, 256, 512], channels, extra_blocks=backbone.fpn.extra_blocks)
-    backbone.out_channels = channels
-    roi_pool = MultiScaleRoIAlign(featmap_names=["0", "1", "2"], output_size=7, sampling_ratio=2)
-    # Strides 8, 16, 32 and 64 (the pooled level): anchors from 16 px, for small aerial objects.
-    anchors = AnchorGenerator(sizes=((16,), (32,), (64,), (128,)), aspect_ratios=((0.5, 1.0, 2.0),) * 4)
-    return FasterRCNN(
-        backbone,
-        **sizes,
-        rpn_anchor_generator=anchors,
-        box_roi_pool=roi_pool,
-        box_head=TwoMLPHead(channels * 7 * 7, representation),
-        box_predictor=FastRCNNPredictor(representation, num_classes + 1),
-        **_LIGHT_HEADS,
-    )
+    backbone.fpn = type(backbone.fpn)([128, 256, 512], 64, extra_blocks=backbone.fpn.extra_blocks)
+    backbone.out_channels = 64
+    return backbone
 
 
-def pretrained_weights_path(name: str) -> Path:
-    """Where torchvision keeps the ImageNet weights of detector ``name``'s trunk in the local
-    torch hub cache (``torch.hub.get_dir()/checkpoints``); nothing is downloaded.
-
-    Raises ``ValueError`` for a detector without a torchvision classifier (``tiny-fpn``) and
-    ``FileNotFoundError`` when the file is not there.
-    """
-    if name not in _CLASSIFIERS:
-        raise ValueError(f"--pretrained: model {name} has no ImageNet weights (models with them: "
-                         f"{', '.join(_CLASSIFIERS)})")
-    weights = _CLASSIFIERS[name]
-    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
-    if not path.is_file():
-        builder = weights.__class__.__name__.removesuffix("_Weights").lower()
-        raise FileNotFoundError(
-            f"--pretrained: the ImageNet weights of {name} are not in the torch hub cache ({path}); "
-            f"download them first on a machine with internet, e.g. python -c \"import torchvision; "
-            f"torchvision.models.{builder}(weights='{weights.name}')\", and copy the file there")
-    return path
+def resnet50_fpn_backbone() -> BackboneWithFPN:
+    """torchvision's ResNet-50 FPN (256 channels): levels ``"0"`` to ``"3"`` (strides 4-32) and
+    ``"pool"`` (64); every stage and every BatchNorm trains (random weights: nothing to keep)."""
+    return resnet_fpn_backbone(backbone_name="resnet50", weights=None, trainable_layers=5,
+                               norm_layer=nn.BatchNorm2d)
 
 
-def load_backbone_weights(model: nn.Module, path: str | Path) -> str:
-    """Loads a torchvision classification model's state dict file (``torch.save(
-    torchvision.models.resnet50(...).state_dict(), path)``, a ``swin_t`` one, ...) into the
-    trunk ``model.backbone.body`` of a detector from :func:`build_detector`.
+SWIN_FACTORIES = {"swin-t": models.swin_t, "swin-v2-t": models.swin_v2_t}
 
-    Tensors whose names are not in the trunk (the classifier head: ``fc.*`` of a ResNet,
-    ``norm.*`` / ``head.*`` of a Swin) are skipped. Every trunk tensor must be in the file with
-    its shape, else a ``ValueError`` naming the file says which are missing or differ.
 
-    Returns one line saying what was loaded and what was skipped.
-    """
-    from dbf_ext.train.checkpoint import read_weights_file  # it imports this module
-
-    trunk = model.backbone.body
-    expected = trunk.state_dict()
-    given = read_weights_file(path, what="backbone weights file")
-    if not isinstance(given, dict) or not all(isinstance(v, Tensor) for v in given.values()):
-        raise ValueError(f"{path} is not a state dict (a dict of tensors)")
-    missing = [key for key in expected if key not in given]
-    if missing:
-        raise ValueError(f"{path} lacks {len(missing)} of the trunk's {len(expected)} tensors "
-                         f"(first: {', '.join(missing[:3])}): not weights of this model's classifier")
-    mismatched = [f"{key} {tuple(given[key].shape)} vs {tuple(value.shape)}"
-                  for key, value in expected.items() if given[key].shape != value.shape]
-    if mismatched:
-        raise ValueError(f"{path} does not fit the trunk: {len(mismatched)} shapes differ "
-                         f"(file vs model; first: {', '.join(mismatched[:3])})")
-    trunk.load_state_dict({key: given[key] for key in expected})
-    skipped = sorted({key.split(".")[0] for key in given if key not in expected})
-    return (f"backbone weights from {path}: loaded {len(expected)} tensors into the trunk, skipped "
-            f"{len(given) - len(expected)} not in it ({', '.join(skipped) or 'none'})")
+def swin_fpn_backbone(name: str) -> SwinBackboneWithFPN:
+    """torchvision's Swin-T (``"swin-t"``) or Swin-V2-T (``"swin-v2-t"``) trunk with a
+    256-channel FPN (:class:`SwinBackboneWithFPN`)."""
+    return SwinBackboneWithFPN(SWIN_FACTORIES[name](weights=None))
