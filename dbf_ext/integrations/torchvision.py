@@ -1,4 +1,4 @@
-"""Dynamic R-CNN for torchvision's Faster R-CNN.
+"""Dynamic R-CNN for torchvision's Faster R-CNN (and the switch for Oriented R-CNN).
 
 :class:`DynamicRoIHeads` is a drop-in :class:`~torchvision.models.detection.roi_heads.RoIHeads`
 that, in training, assigns the proposals with :func:`dbf_ext.assign.batched_max_iou_assign`
@@ -38,6 +38,8 @@ from torchvision.models.detection.roi_heads import RoIHeads
 from dbf_ext.assign.dynamic_rcnn import DynamicRCNNController
 from dbf_ext.assign.losses import DynamicSmoothL1Loss, fast_rcnn_losses
 from dbf_ext.assign.max_iou import assign_proposals_with_gts
+from dbf_ext.models.oriented_rcnn import OrientedRCNN
+from dbf_ext.models.rotated_roi_heads import RotatedRoIHeads
 from dbf_ext.ops.max_iou_assign import MaxIoUAssignOptions
 
 __all__ = ["DynamicRoIHeads", "use_dynamic_roi_heads"]
@@ -143,18 +145,25 @@ class DynamicRoIHeads(RoIHeads):
 
 
 def use_dynamic_roi_heads(
-    model: FasterRCNN, controller: DynamicRCNNController | None = None, **kwargs
+    model: FasterRCNN | OrientedRCNN, controller: DynamicRCNNController | None = None, **kwargs
 ) -> DynamicRCNNController:
-    """Replaces ``model.roi_heads`` by a :class:`DynamicRoIHeads` with the same modules.
+    """Turns on Dynamic R-CNN in a torchvision Faster R-CNN or a
+    :class:`~dbf_ext.models.OrientedRCNN`.
 
-    The weights (and the ``state_dict`` keys) are unchanged. ``kwargs`` go to
-    :class:`DynamicRoIHeads` (``gt_max_assign_all``, ``match_low_quality``). Returns the
-    controller (a default one when None is given), whose ``state_dict`` belongs in checkpoints.
+    Faster R-CNN: ``model.roi_heads`` is replaced by a :class:`DynamicRoIHeads` with the same
+    modules. Oriented R-CNN: its :class:`~dbf_ext.models.RotatedRoIHeads` switches to Dynamic
+    R-CNN (:meth:`~dbf_ext.models.RotatedRoIHeads.use_dynamic_rcnn`). The weights (and the
+    ``state_dict`` keys) are unchanged. ``kwargs``: ``gt_max_assign_all``,
+    ``match_low_quality``. Returns the controller (a default one when None is given), whose
+    ``state_dict`` belongs in checkpoints.
     """
-    if not isinstance(getattr(model, "roi_heads", None), RoIHeads):
+    roi_heads = getattr(model, "roi_heads", None)
+    if isinstance(roi_heads, RotatedRoIHeads):
+        return roi_heads.use_dynamic_rcnn(controller, **kwargs)
+    if not isinstance(roi_heads, RoIHeads):
         raise TypeError(
-            f"model must be a torchvision Faster R-CNN (with RoIHeads), got {type(model).__name__}"
+            "model must be a torchvision Faster R-CNN (with RoIHeads) or an Oriented R-CNN, got "
+            f"{type(model).__name__}"
         )
-    model.roi_heads = DynamicRoIHeads.from_roi_heads(model.roi_heads, controller=controller,
-                                                     **kwargs)
+    model.roi_heads = DynamicRoIHeads.from_roi_heads(roi_heads, controller=controller, **kwargs)
     return model.roi_heads.controller
