@@ -34,6 +34,12 @@ docstrings list where and why ours differ. At the model level:
   rectangles (:class:`RotatedRCNNTransform`).
 * Normalisation and padding are torchvision's (ImageNet mean and std on ``[0, 1]`` images,
   equal to mmrotate's ``img_norm_cfg`` on ``[0, 255]``; padding to a multiple of 32).
+* Backbones (:func:`~dbf_ext.models.build_detector`) start from random weights and train every
+  stage and BatchNorm (mmrotate: ImageNet ResNet-50 with the stem and first stage frozen and
+  BatchNorm statistics frozen): nothing is downloaded, ImageNet weights are loaded with
+  :func:`~dbf_ext.models.load_backbone_weights`, and DBF freezes the trunk by schedule. The
+  FPN and the shared FC layers keep torchvision's initialisation (mmdetection: Xavier).
+* The optimiser, schedule and gradient clipping of the config belong to the training loop.
 """
 
 from __future__ import annotations
