@@ -136,7 +136,8 @@ class OrientedRCNN(GeneralizedRCNN):
         box_roi_pool: default :class:`~dbf_ext.ops.MultiScaleRoIAlignRotated` on levels
             ``"0"``-``"3"``, 7 x 7, sampling ratio 2.
         box_head: default torchvision ``TwoMLPHead(out_channels * 49, 1024)``.
-        box_predictor: default :class:`~dbf_ext.models.RotatedBoxPredictor`.
+        box_predictor: default :class:`~dbf_ext.models.RotatedBoxPredictor` (a replacement
+            keeps its ``cls_score`` layer: :attr:`num_classes` reads it).
         box_score_thresh, box_nms_thresh, box_detections_per_img: post-processing (0.05, 0.1,
             2000).
         box_fg_iou_thresh, box_bg_iou_thresh, box_min_pos_iou, box_match_low_quality: rotated
