@@ -23,8 +23,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
 from dbf_ext.train import TrainConfig, train
 from dbf_ext.train.checkpoint import load_checkpoint, save_checkpoint

@@ -19,7 +19,7 @@ from dbf_ext.train.config import TrainConfig
 from dbf_ext.train.engine import train
 from dbf_ext.train.report import TrainResult, plot_history
 
-DEMO_MODEL = "oriented-rcnn-resnet10-fpn-demo"
+DEMO_MODEL = "oriented-rcnn-resnet10-fpn-lite"
 DEMO_EPOCHS = 12
 DEMO_UNFROZEN_EPOCHS = (0, 6)  # the backbone trains in these epochs, frozen in the others
 DEMO_CACHE = "bfloat16:cpu=1GB"
@@ -99,7 +99,7 @@ def run_demo(output: str | Path, console: Console, *, epochs: int = DEMO_EPOCHS,
     settings differ from the default demo's and ``compare`` is off: the stored baseline would
     not apply) and the plot's path."""
     synthetic = synthetic or SyntheticConfig()
-    root = prepare_synthetic_dota(synthetic, quiet=False)
+    root = prepare_synthetic_dota(synthetic, quiet=console.quiet)
     console.print(f"synthetic aerial set: {root} ({synthetic.train_tiles} train / {synthetic.val_tiles} "
                   f"val tiles of {synthetic.tile_size} px, 4 classes)")
     config = demo_config(root, output, epochs=epochs, unfrozen_epochs=unfrozen_epochs, device=device)
