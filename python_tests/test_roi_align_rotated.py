@@ -345,6 +345,9 @@ def bad_calls():
         (lambda: roi_align_rotated(f, with_roi(3, math.nan), 2, 1.0), ValueError, "finite"),
         (lambda: roi_align_rotated(f, with_roi(5, math.inf), 2, 1.0), ValueError, "finite"),
         (lambda: roi_align_rotated(f, with_roi(0, math.nan), 2, 1.0), ValueError, "finite"),
+        (lambda: roi_align_rotated(f, with_roi(3, -1.0), 2, 1.0), ValueError, "w and h"),
+        (lambda: roi_align_rotated(f, with_roi(4, -0.5), 2, 1.0, aligned=False), ValueError,
+         "must be >= 0"),
     ]
 
 
@@ -562,6 +565,13 @@ def test_cuda_deterministic_backward_under_deterministic_algorithms():
         first, second = gradient(), gradient()
     assert torch.equal(first, second)
     torch.testing.assert_close(first, atomic, atol=1e-4, rtol=1e-5)
+    # The pooler's own indexing runs in deterministic mode too.
+    maps = OrderedDict((k, v.float().requires_grad_()) for k, v in pyramid("cuda").items())
+    boxes = [b.float() for b in per_image_boxes("cuda")]
+    with deterministic_algorithms():
+        pooled = MultiScaleRoIAlignRotated(NAMES, 7, 2)(maps, boxes, [(128, 96)] * 2)
+        pooled.square().sum().backward()
+    assert all(m.grad is not None for m in maps.values())
 
 
 @needs_gpu

@@ -54,7 +54,7 @@ struct RoiAlignRotatedBackwardArgs {
 };
 
 // The CPU backward pass is deterministic: threads own disjoint channel ranges and add the
-// samples of every RoI in one fixed order.
+// samples of every RoI in one fixed order (RoIs in order, then for_each_tap's order).
 void roi_align_rotated_forward_cpu(const RoiAlignRotatedForwardArgs& args, int num_threads);
 void roi_align_rotated_backward_cpu(const RoiAlignRotatedBackwardArgs& args, int num_threads);
 
@@ -238,7 +238,7 @@ DBF_HOST_DEVICE void for_each_bin_tap(const RoiFrame<T>& f, const RoiAlignRotate
 }
 
 // Calls fn(ph, pw, tap) for every contributing sample of every bin, bins in row-major order:
-// the one order of the CPU passes and of the deterministic CUDA backward.
+// the one order in which the CPU passes and the deterministic CUDA backward add samples.
 template <typename T, typename Fn>
 DBF_HOST_DEVICE void for_each_tap(const RoiFrame<T>& f, const RoiAlignRotatedGeometry& g,
                                   std::int64_t stride_h, std::int64_t stride_w, const Fn& fn) {
@@ -247,34 +247,6 @@ DBF_HOST_DEVICE void for_each_tap(const RoiFrame<T>& f, const RoiAlignRotatedGeo
       for_each_bin_tap(f, g, ph, pw, stride_h, stride_w,
                        [&](const BilinearTap<T>& tap) { fn(ph, pw, tap); });
     }
-  }
-}
-
-// The gradient of channels [channel_begin, channel_end) of the whole map: every RoI's samples,
-// RoIs in order, each adding grad_output(bin) / count times its weights. The result of one
-// channel does not depend on the range it is computed in, so any split over threads gives the
-// same bits.
-template <typename T>
-DBF_HOST_DEVICE void accumulate_channel_gradients(const RoiAlignRotatedBackwardArgs& args,
-                                                  std::int64_t channel_begin,
-                                                  std::int64_t channel_end) {
-  const RoiAlignRotatedGeometry& g = args.geometry;
-  const T* rois = reinterpret_cast<const T*>(g.rois);
-  const T* grad_output = reinterpret_cast<const T*>(args.grad_output);
-  T* grad_features = reinterpret_cast<T*>(args.grad_features);
-  const std::int64_t bins = g.pooled_height * g.pooled_width;
-  const std::int64_t plane_size = g.height * g.width;
-  for (std::int64_t k = 0; k < g.num_rois; ++k) {
-    const RoiFrame<T> f = load_roi(rois, k, g);
-    for_each_tap(f, g, g.width, 1,
-                 [&](std::int64_t ph, std::int64_t pw, const BilinearTap<T>& tap) {
-                   const std::int64_t bin = ph * g.pooled_width + pw;
-                   for (std::int64_t c = channel_begin; c < channel_end; ++c) {
-                     const T share = grad_output[(k * g.channels + c) * bins + bin] / f.count;
-                     T* plane = grad_features + (f.batch_index * g.channels + c) * plane_size;
-                     for (int i = 0; i < 4; ++i) plane[tap.offset[i]] += share * tap.weight[i];
-                   }
-                 });
   }
 }
 

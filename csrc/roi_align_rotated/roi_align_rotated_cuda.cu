@@ -73,13 +73,28 @@ __global__ void backward_atomic_kernel(RoiAlignRotatedBackwardArgs args) {
   }
 }
 
-// One thread per channel, running the CPU pass's loop: no two threads write the same value and
-// each adds in the one fixed order.
+// One thread per channel, adding the samples of every RoI in the CPU pass's order: no two
+// threads write the same value and each value's additions come in one fixed order.
 template <typename T>
 __global__ void backward_deterministic_kernel(RoiAlignRotatedBackwardArgs args) {
+  const RoiAlignRotatedGeometry& g = args.geometry;
+  const T* rois = reinterpret_cast<const T*>(g.rois);
+  const T* grad_output = reinterpret_cast<const T*>(args.grad_output);
+  T* grad_features = reinterpret_cast<T*>(args.grad_features);
+  const std::int64_t bins = g.pooled_height * g.pooled_width;
   for (std::int64_t c = blockIdx.x * static_cast<std::int64_t>(blockDim.x) + threadIdx.x;
-       c < args.geometry.channels; c += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
-    roi_align::accumulate_channel_gradients<T>(args, c, c + 1);
+       c < g.channels; c += static_cast<std::int64_t>(gridDim.x) * blockDim.x) {
+    for (std::int64_t k = 0; k < g.num_rois; ++k) {
+      const RoiFrame<T> f = roi_align::load_roi(rois, k, g);
+      const T* grad_row = grad_output + (k * g.channels + c) * bins;
+      T* plane = grad_features + (f.batch_index * g.channels + c) * g.height * g.width;
+      roi_align::for_each_tap(f, g, g.width, std::int64_t{1},
+                              [&](std::int64_t ph, std::int64_t pw, const BilinearTap<T>& tap) {
+                                const T share = grad_row[ph * g.pooled_width + pw] / f.count;
+                                for (int i = 0; i < 4; ++i)
+                                  plane[tap.offset[i]] += share * tap.weight[i];
+                              });
+    }
   }
 }
 

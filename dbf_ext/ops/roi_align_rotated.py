@@ -56,7 +56,8 @@ def roi_align_rotated(
         features: ``(B, C, H, W)`` feature map, float16, bfloat16, float32 or float64; any
             strides (read in place).
         rois: ``(K, 6)`` RoIs ``(batch_index, cx, cy, w, h, theta)`` in input-image pixels,
-            theta in radians; the batch index an integer in ``[0, B)``, every value finite.
+            theta in radians; the batch index an integer in ``[0, B)``, ``w, h >= 0``, every
+            value finite.
             Same dtype as ``features``, or float32 with float16 / bfloat16 features (mixed
             precision keeps proposals in float32).
         output_size: ``oh`` = ``ow``, or ``(oh, ow)``: bins per RoI side.
@@ -73,12 +74,14 @@ def roi_align_rotated(
     them); none w.r.t. ``rois`` (as in mmcv). The CPU backward pass is deterministic. The CUDA
     backward adds with float atomics, so the last bits of the gradient may vary between runs;
     with ``torch.use_deterministic_algorithms(True)`` it runs a deterministic kernel instead
-    (one thread per channel: correct, much slower).
+    (one thread per channel: the same sums, far less parallel).
 
     Raises ``ValueError`` / ``TypeError`` for wrong shapes, dtypes, mismatched devices, and RoIs
-    that are not finite or whose batch index is not an integer in ``[0, B)``. Checking the
-    RoIs' values reads one flag back from the GPU (one host synchronisation per call on CUDA);
-    under ``torch.compile`` that check is skipped and such RoIs give zeros.
+    that are not finite, have a negative side, or whose batch index is not an integer in
+    ``[0, B)``. Checking the RoIs' values reads three flags back from the GPU (one host
+    synchronisation per call on CUDA). Under ``torch.compile`` that check is skipped; the
+    kernels still never read outside the map (a non-finite RoI or one with a batch index out of
+    range gives zeros).
     """
     options = _check_arguments(features, rois, output_size, spatial_scale, sampling_ratio)
     if not torch.compiler.is_compiling():
@@ -110,15 +113,15 @@ def _check_roi_dtype(roi_dtype: torch.dtype, feature_dtype: torch.dtype) -> None
 
 
 def _roi_problems(rois: Tensor, batch_size: int) -> Tensor:
-    """``(2,)`` bool on the RoIs' device: (a value is not finite, a batch index is not an
-    integer in [0, batch_size)); no host synchronisation by itself."""
+    """``(3,)`` bool on the RoIs' device: (a value is not finite, a batch index is not an
+    integer in [0, batch_size), a side is negative); no host synchronisation by itself."""
     batch_index = rois[:, 0]
     bad_index = (batch_index < 0) | (batch_index >= batch_size) | (batch_index != batch_index.floor())
-    return torch.stack((~torch.isfinite(rois).all(), bad_index.any()))
+    return torch.stack((~torch.isfinite(rois).all(), bad_index.any(), (rois[:, 3:5] < 0).any()))
 
 
 def _raise_for_roi_problems(problems: list[bool], batch_size: int) -> None:
-    not_finite, bad_index = problems
+    not_finite, bad_index, negative_side = problems
     if not_finite:
         raise ValueError("rois must be finite: found NaN or infinity")
     if bad_index:
@@ -126,6 +129,8 @@ def _raise_for_roi_problems(problems: list[bool], batch_size: int) -> None:
             f"rois[:, 0] must be batch indices: integers in [0, {batch_size}) for a feature map "
             f"of batch size {batch_size}"
         )
+    if negative_side:
+        raise ValueError("rois: w and h (columns 3 and 4) must be >= 0")
 
 
 def _geometry(rois: Tensor, map_shape, pooled_height, pooled_width, spatial_scale,
@@ -370,10 +375,10 @@ class MultiScaleRoIAlignRotated(nn.Module):
         order = torch.argsort(levels, stable=True)
         counts = torch.bincount(levels, minlength=len(maps))
         # The one read-back: RoIs per level and the check of the RoIs' values.
-        *counts, not_finite, bad_index = torch.cat(
+        *counts, not_finite, bad_index, negative_side = torch.cat(
             (counts, _roi_problems(rois, batch_size).long())
         ).tolist()
-        _raise_for_roi_problems([not_finite, bad_index], batch_size)
+        _raise_for_roi_problems([not_finite, bad_index, negative_side], batch_size)
         pooled = [
             _roi_align_rotated_op(level, level_rois, pooled_height, pooled_width, scale,
                                   self.sampling_ratio, self.aligned, self.clockwise)
