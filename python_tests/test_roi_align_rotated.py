@@ -577,8 +577,7 @@ def test_cuda_deterministic_backward_under_deterministic_algorithms():
 @needs_gpu
 def test_cuda_operator_never_waits_for_the_gpu():
     features, rois, grad = overlapping_case(seed=43)
-    features = features.detach().cuda().requires_grad_()
-    rois, grad = rois.cuda(), grad.cuda()
+    features, rois, grad = features.detach().cuda(), rois.cuda(), grad.cuda()
     for dtype in (torch.float32, torch.float16):
         x = features.detach().to(dtype).requires_grad_()
         with no_host_sync():
