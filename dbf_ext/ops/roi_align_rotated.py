@@ -18,7 +18,6 @@ from dbf_ext._validation import (
     check_rotated_rois,
     check_same_device,
     check_size_pair,
-    check_tensor,
 )
 
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -442,7 +441,7 @@ def _batched_rois(rois: Sequence[Tensor] | Tensor, batch_size: int, features: Te
     if len(rois) != batch_size:
         raise ValueError(f"rois must hold one (K_i, 5) tensor per image ({batch_size}), got {len(rois)}")
     for i, boxes in enumerate(rois):
-        check_rotated_boxes(f"rois[{i}]", check_tensor(f"rois[{i}]", boxes))
+        check_rotated_boxes(f"rois[{i}]", boxes)
     if len({(b.dtype, b.device) for b in rois}) > 1:
         raise ValueError("the rois of all images must have one dtype and device")
     if batch_size == 0:
