@@ -198,3 +198,49 @@ def test_degenerate_rotated_labels(tiny_set, tmp_path, capsys):
     capsys.readouterr()
     assert run_train(data, tmp_path / "run2", "--epochs", "1") == 1
     assert f"{label}:{line}: degenerate polygon" in one_line_error(capsys)
+
+
+def test_shipped_demo_trunk_is_a_small_float16_state_dict_of_the_demo_model():
+    from dbf_ext.models import build_detector, load_backbone_weights
+    from dbf_ext.train.demo import DEMO_MODEL, pretrained_trunk_path
+
+    path = pretrained_trunk_path()
+    assert path.stat().st_size < 4 * 2**20
+    weights = torch.load(path, weights_only=True)
+    assert {value.dtype for value in weights.values()} == {torch.float16, torch.int64}  # int64: BN counters
+    model = build_detector(DEMO_MODEL, 4, 256)
+    trunk = model.backbone.body.state_dict()
+    assert "loaded 54 tensors into the trunk, skipped 0" in load_backbone_weights(model, path)
+    assert sum(v.numel() for k, v in trunk.items() if v.is_floating_point()) < 1.5e6
+    for name, value in model.backbone.body.state_dict().items():
+        assert torch.equal(value, weights[name].to(value.dtype)), name
+
+
+def test_demo_sequence_with_comparison_on_a_small_set(tmp_path, monkeypatch, capsys):
+    """The demo's whole sequence, small: the synthetic set is generated, the DBF run starts from
+    the shipped trunk with the cache, --compare trains the full fine-tuning baseline, and the
+    summary compares the two; the plot is written."""
+    from dbf_ext.train import output_console
+    from dbf_ext.train.demo import DEMO_MODEL, pretrained_trunk_path, run_demo
+
+    monkeypatch.setenv("DBF_EXT_CACHE", str(tmp_path / "cache"))
+    synthetic = SyntheticConfig(tile_size=128, train_tiles=4, val_tiles=2, min_objects=2, max_objects=4)
+    result, rows, plot = run_demo(tmp_path / "demo", output_console(), epochs=3, unfrozen_epochs=(0,),
+                                  device="cpu", compare=True, synthetic=synthetic)
+    printed = capsys.readouterr().out
+    assert f"backbone weights from {pretrained_trunk_path()}: loaded 54 tensors" in printed
+    assert result.config.model == DEMO_MODEL and result.map_name == "rotated mAP50"
+    assert [r.frozen for r in result.history] == [False, True, True]
+    assert result.history[2].cache_hit_rate > 0  # flips both ways: some of the 4 keys repeat
+    baseline = log_lines(tmp_path / "demo" / "full_fine_tuning")
+    assert [r["frozen"] for r in baseline] == [False] * 3 and baseline[0]["cache_hit_rate"] is None
+    dbf_seconds = sum(r.seconds for r in result.history)
+    full_seconds = sum(r["seconds"] for r in baseline)
+    names = [name for name, _ in rows]
+    assert names == ["full fine-tuning: training time, rotated mAP50",
+                     "DBF + cache: training time / full fine-tuning's",
+                     "DBF + cache: rotated mAP50 - full fine-tuning's"]
+    assert rows[1][1].endswith(f"= {dbf_seconds / full_seconds:.2f}")
+    assert rows[2][1].endswith(f"= {result.final_map50 - baseline[-1]['map50']:+.3f}")
+    assert plot == tmp_path / "demo" / "demo.png" and plot.stat().st_size > 10_000
+

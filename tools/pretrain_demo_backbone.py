@@ -49,7 +49,8 @@ def main() -> None:
             vflip=0.5, eval_every=4, device="cpu", seed=1,
         ))
         weights = load_checkpoint(run / "checkpoint.pt")["model"]
-    trunk = {name[len(TRUNK_PREFIX):]: value.half() for name, value in weights.items()
+    trunk = {name[len(TRUNK_PREFIX):]: value.half() if value.is_floating_point() else value
+             for name, value in weights.items()
              if name.startswith(TRUNK_PREFIX)}
     args.output.parent.mkdir(parents=True, exist_ok=True)
     save_checkpoint(args.output, trunk)
