@@ -2,7 +2,7 @@
 
 The demo's detector (``dbf_ext.train.demo.DEMO_MODEL``) is trained with its backbone trained in
 every epoch on a synthetic aerial set disjoint from the demo's: the same generator with seed 1
-instead of 0 and twice the demo's training tiles. The trunk's weights (``model.backbone.body``,
+instead of 0 and four times the demo's training tiles (192). The trunk's weights (``model.backbone.body``,
 a torchvision ResNet state dict without ``layer4`` and ``fc``) are then written in float16 to
 ``dbf_ext/models/weights/demo_trunk_synthetic.pt`` (``dbf_ext.train.demo.pretrained_trunk_path()``),
 where ``--backbone-weights`` and the demo load them (into float32 parameters).
@@ -29,7 +29,7 @@ from dbf_ext.train.checkpoint import load_checkpoint, save_checkpoint
 from dbf_ext.train.demo import DEMO_MODEL, pretrained_trunk_path
 
 # Disjoint from the demo's set (seed 0): another seed draws other scenes and objects.
-PRETRAINING_SET = SyntheticConfig(seed=1, train_tiles=96, val_tiles=16)
+PRETRAINING_SET = SyntheticConfig(seed=1, train_tiles=192, val_tiles=16)
 TRUNK_PREFIX = "backbone.body."
 
 
@@ -37,7 +37,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--output", type=Path, default=pretrained_trunk_path(),
                         help="where the float16 trunk state dict goes (default: the package's file)")
-    parser.add_argument("--epochs", type=int, default=12, help="epochs of pretraining (default %(default)s)")
+    parser.add_argument("--epochs", type=int, default=24, help="epochs of pretraining (default %(default)s)")
     args = parser.parse_args()
     started = time.perf_counter()
     with tempfile.TemporaryDirectory() as work:

@@ -4,7 +4,15 @@ from dbf_ext.train.augment import KeyedFlipDataset, flip_boxes
 from dbf_ext.train.checkpoint import CheckpointError, load_checkpoint, load_matching_weights, load_model_weights
 from dbf_ext.train.config import SCHEDULES, TrainConfig, parse_cache_spec, parse_size, resolve_device
 from dbf_ext.train.distributed import DistributedContext, RankMismatchError, init_distributed
-from dbf_ext.train.engine import evaluate, load_dataset, model_box_type, predict, train
+from dbf_ext.train.engine import (
+    EpochTotals,
+    evaluate,
+    load_dataset,
+    model_box_type,
+    predict,
+    train,
+    train_one_epoch,
+)
 from dbf_ext.train.model import MODELS, build_detector
 from dbf_ext.train.report import (
     EpochRecord,
@@ -24,6 +32,7 @@ __all__ = [
     "CheckpointError",
     "DistributedContext",
     "EpochRecord",
+    "EpochTotals",
     "InitReport",
     "KeyedFlipDataset",
     "RankMismatchError",
@@ -47,4 +56,5 @@ __all__ = [
     "resolve_device",
     "summary_rows",
     "train",
+    "train_one_epoch",
 ]

@@ -124,7 +124,9 @@ def _mean_ap(predictions: list[dict[str, torch.Tensor]], dataset: DotaDetectionD
 
 def train(config: TrainConfig, console: Console | None = None,
           on_epoch_end: Callable[[EpochRecord], None] | None = None) -> TrainResult:
-    """Trains a torchvision Faster R-CNN on a DOTA-format folder with ``train``/``val`` splits.
+    """Trains a detector (:func:`~dbf_ext.models.build_detector`: an Oriented R-CNN or a
+    torchvision Faster R-CNN) on a DOTA-format folder with ``train``/``val`` splits, epoch by
+    epoch with :func:`train_one_epoch`, evaluating with :func:`predict` / :func:`evaluate`.
 
     Per epoch: the freezing schedule decides (once, before the epoch) whether the backbone
     trains; frozen epochs run it without autograd and, with a cache, serve its features from
@@ -275,64 +277,14 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
                             num_workers=config.workers,
                             generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
                             collate_fn=cache_aware_collate if cached is not None else collate_fn)
-        hits_before = cached.cache.stats.hits if cached is not None else 0
-        lookups_before = (cached.cache.stats.hits + cached.cache.stats.misses) if cached is not None else 0
-        model.train()
-        sums: dict[str, float] = {}
-        enhancement_sums: dict[str, float] = {}
-        images_seen = 0
-        started = time.perf_counter()
-        with progress_bar(console) as progress:
-            task = progress.add_task(f"epoch {epoch}", total=steps_per_epoch,
-                                     state="frozen" if frozen else "trains", info="")
-            for step, batch in enumerate(loader, start=1):
-                images, targets, keys = batch if cached is not None else (*batch, None)
-                images = [image.to(device, non_blocking=True) for image in images]
-                targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-                           for t in targets]
-                with torch.autocast(device.type, enabled=use_amp):
-                    if cached is not None:
-                        losses = dataset.call_with_decoding(
-                            functools.partial(_cached_forward, parallel_model, cached), images, keys,
-                            targets)
-                    else:
-                        losses = parallel_model(images, targets)
-                    if enhancement is not None and not frozen:
-                        losses["feature_enhancement"] = enhancement()
-                    loss = sum(losses.values())
-                # Each term read back once per step: for the finiteness check, the epoch means
-                # and the progress line.
-                values = {name: float(value.detach()) for name, value in losses.items()}
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    parts = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
-                    raise FloatingPointError(
-                        f"loss became {loss_value} in epoch {epoch}, step {step} of "
-                        f"{steps_per_epoch} ({parts}); lower the learning rate (--lr)")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                for name, value in values.items():
-                    sums[name] = sums.get(name, 0.0) + value * len(images)
-                if "feature_enhancement" in values:
-                    for name, value in enhancement.parts.items():
-                        enhancement_sums[name] = enhancement_sums.get(name, 0.0) + float(value)
-                images_seen += len(images)
-                rate = images_seen / (time.perf_counter() - started)
-                info = f"loss {loss_value:.3f}  {rate:.1f} img/s"
-                if "feature_enhancement" in values:
-                    info += f"  feature enhancement {values['feature_enhancement']:.3g}"
-                if cached is not None:
-                    info += f"  cache hits {_hit_rate(cached.cache, hits_before, lookups_before):.0%}"
-                progress.update(task, advance=1, info=info)
+        totals = train_one_epoch(
+            parallel_model, optimizer, scheduler, scaler, loader, device, epoch, console,
+            frozen=frozen, steps_per_epoch=steps_per_epoch, use_amp=use_amp,
+            cached=cached, cache_aware=dataset if cached is not None else None, enhancement=enhancement)
         cache_counts = None
         if cached is not None:
-            stats = cached.cache.stats
-            cache_counts = (stats.hits - hits_before, stats.hits + stats.misses - lookups_before,
-                            sum(cached.cache.bytes_used().values()))
-        job = reduce_epoch(context, sums, images_seen, time.perf_counter() - started, cache_counts)
+            cache_counts = (totals.cache_hits, totals.cache_lookups, sum(cached.cache.bytes_used().values()))
+        job = reduce_epoch(context, totals.losses, totals.images, totals.seconds, cache_counts)
         record = EpochRecord(
             epoch=epoch, frozen=frozen, seconds=job["seconds"],
             images_per_second=job["images"] / job["seconds"], losses=job["losses"],
@@ -342,8 +294,8 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
             record.cache_bytes = job["cache_bytes"]
             if context.is_distributed:
                 record.cache_hit_rate_per_rank = job["cache_hit_rate_per_rank"]
-        if enhancement_sums:
-            record.feature_enhancement = {k: v / step for k, v in enhancement_sums.items()}
+        if totals.feature_enhancement:
+            record.feature_enhancement = {k: v / totals.steps for k, v in totals.feature_enhancement.items()}
         if dynamic is not None:
             record.dynamic_rcnn = {"iou_threshold": dynamic.iou_threshold, "beta": dynamic.beta}
         # Rank 0's running statistics (as DDP's buffer broadcast would give), then proof that
@@ -392,11 +344,99 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
                        box_type=box_type, example=ValidationExample.most_crowded(val_set, predictions))
 
 
+@dataclasses.dataclass
+class EpochTotals:
+    """What :func:`train_one_epoch` sums over its steps (this process's share of the epoch)."""
+
+    losses: dict[str, float]  # loss term -> sum over the images of the step means
+    feature_enhancement: dict[str, float]  # part of the regulariser -> sum over the steps
+    images: int
+    steps: int
+    seconds: float
+    cache_hits: int = 0  # feature-cache lookups served, and all lookups
+    cache_lookups: int = 0
+
+
+def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    loader: DataLoader, device: torch.device, epoch: int, console: Console, *,
+                    frozen: bool, steps_per_epoch: int, use_amp: bool = False,
+                    cached: CachedBackbone | None = None, cache_aware: CacheAwareDataset | None = None,
+                    enhancement: FeatureEnhancement | None = None) -> EpochTotals:
+    """One epoch of training steps of a detector of either box type, with a progress bar.
+
+    A step: the batch ``(images, targets)`` (with the cache: ``(images, targets, keys)`` from
+    :func:`~dbf_ext.cache.cache_aware_collate`, run through ``cache_aware``'s
+    :meth:`~dbf_ext.cache.CacheAwareDataset.call_with_decoding` with ``cached`` serving the
+    trunk) goes to the device, ``model(images, targets)`` gives the losses (plus the
+    feature-enhancement term while the backbone trains), their sum is checked finite
+    (``FloatingPointError`` naming epoch, step and terms), back-propagated (scaled for AMP) and
+    the optimizer and learning-rate scheduler step.
+    """
+    sums: dict[str, float] = {}
+    enhancement_sums: dict[str, float] = {}
+    images_seen = steps = 0
+    started = time.perf_counter()
+    hits_before, lookups_before = _cache_counts(cached)
+    model.train()
+    with progress_bar(console) as progress:
+        task = progress.add_task(f"epoch {epoch}", total=steps_per_epoch,
+                                 state="frozen" if frozen else "trains", info="")
+        for steps, batch in enumerate(loader, start=1):
+            images, targets, keys = batch if cached is not None else (*batch, None)
+            images = [image.to(device, non_blocking=True) for image in images]
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                       for t in targets]
+            with torch.autocast(device.type, enabled=use_amp):
+                if cached is not None:
+                    losses = cache_aware.call_with_decoding(
+                        functools.partial(_cached_forward, model, cached), images, keys, targets)
+                else:
+                    losses = model(images, targets)
+                if enhancement is not None and not frozen:
+                    losses["feature_enhancement"] = enhancement()
+                loss = sum(losses.values())
+            # Each term read back once per step: for the finiteness check, the epoch means and
+            # the progress line.
+            values = {name: float(value.detach()) for name, value in losses.items()}
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                parts = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+                raise FloatingPointError(
+                    f"loss became {loss_value} in epoch {epoch}, step {steps} of "
+                    f"{steps_per_epoch} ({parts}); lower the learning rate (--lr)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value * len(images)
+            if "feature_enhancement" in values:
+                for name, value in enhancement.parts.items():
+                    enhancement_sums[name] = enhancement_sums.get(name, 0.0) + float(value)
+            images_seen += len(images)
+            rate = images_seen / (time.perf_counter() - started)
+            info = f"loss {loss_value:.3f}  {rate:.1f} img/s"
+            if "feature_enhancement" in values:
+                info += f"  feature enhancement {values['feature_enhancement']:.3g}"
+            if cached is not None:
+                hits, lookups = _cache_counts(cached)
+                info += f"  cache hits {(hits - hits_before) / max(1, lookups - lookups_before):.0%}"
+            progress.update(task, advance=1, info=info)
+    seconds = time.perf_counter() - started
+    hits, lookups = _cache_counts(cached)
+    return EpochTotals(sums, enhancement_sums, images_seen, steps, seconds, hits - hits_before,
+                       lookups - lookups_before)
+
+
 def _cached_forward(model, cached: CachedBackbone, images, keys, targets):
     with cached.batch_keys(keys):
         return model(images, targets)
 
 
-def _hit_rate(cache: FeatureCache, hits_before: int, lookups_before: int) -> float:
-    lookups = cache.stats.hits + cache.stats.misses - lookups_before
-    return (cache.stats.hits - hits_before) / lookups if lookups else 0.0
+def _cache_counts(cached: CachedBackbone | None) -> tuple[int, int]:
+    """The cache's hits and lookups so far (0, 0 without a cache)."""
+    if cached is None:
+        return 0, 0
+    return cached.cache.stats.hits, cached.cache.stats.hits + cached.cache.stats.misses
