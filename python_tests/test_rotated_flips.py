@@ -155,3 +155,16 @@ def test_flip_probability_outside_unit_interval_is_an_error(rotated_set):
     base = load_dataset(rotated_set, "train", box_type="obb")
     with pytest.raises(ValueError, match="vflip must be a probability"):
         KeyedFlipDataset(base, vflip=1.5)
+
+
+def test_with_box_type_converts_without_rereading_the_labels(rotated_set):
+    hbb = load_dataset(rotated_set, "train")
+    obb = hbb.with_box_type("obb")
+    direct = load_dataset(rotated_set, "train", box_type="obb")
+    assert hbb.box_type == "hbb" and obb.box_type == "obb" and obb.folder is hbb.folder
+    for index in range(len(direct)):
+        assert torch.equal(obb.load_target(index)["boxes"], direct.load_target(index)["boxes"])
+        assert hbb.load_target(index)["boxes"].shape[1] == 4
+    assert hbb.with_box_type("hbb") is hbb
+    with pytest.raises(ValueError, match="box_type"):
+        hbb.with_box_type("rbox")

@@ -20,8 +20,8 @@ from dbf_ext.train.engine import train
 from dbf_ext.train.report import TrainResult, plot_history
 
 DEMO_MODEL = "oriented-rcnn-resnet10-fpn-lite"
-DEMO_EPOCHS = 12
-DEMO_UNFROZEN_EPOCHS = (0, 6)  # the backbone trains in these epochs, frozen in the others
+DEMO_EPOCHS = 16
+DEMO_UNFROZEN_EPOCHS = (0, 8)  # the backbone trains in these epochs, frozen in the others
 DEMO_CACHE = "bfloat16:cpu=1GB"
 
 
