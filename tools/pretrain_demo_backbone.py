@@ -2,10 +2,11 @@
 
 The demo's detector (``dbf_ext.train.demo.DEMO_MODEL``) is trained with its backbone trained in
 every epoch on a synthetic aerial set disjoint from the demo's: the same generator with seed 1
-instead of 0 and four times the demo's training tiles (192). The trunk's weights (``model.backbone.body``,
-a torchvision ResNet state dict without ``layer4`` and ``fc``) are then written in float16 to
-``dbf_ext/models/weights/demo_trunk_synthetic.pt`` (``dbf_ext.train.demo.pretrained_trunk_path()``),
-where ``--backbone-weights`` and the demo load them (into float32 parameters).
+instead of 0, and 192 training tiles (twice the demo's). The trunk's weights
+(``model.backbone.body``, a torchvision ResNet state dict without ``layer4`` and ``fc``) are then
+written in float16 to ``dbf_ext/models/weights/demo_trunk_synthetic.pt``
+(``dbf_ext.train.demo.pretrained_trunk_path()``), where ``--backbone-weights`` and the demo load
+them (into float32 parameters).
 
 Command (from the repository root, with the package importable)::
 
