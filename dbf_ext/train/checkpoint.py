@@ -7,12 +7,12 @@ import dataclasses
 import json
 import os
 import pickle
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dbf_ext._io import write_durably
 from dbf_ext.train.config import TrainConfig
 from dbf_ext.train.report import EpochRecord, InitReport
 
@@ -115,30 +115,8 @@ def check_resumable(state: dict[str, Any], path: Path, config: TrainConfig, clas
         )
 
 
-def _write_durably(path: Path, mode: str, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a file beside ``path``, synced, then renamed over ``path`` and the
-    rename synced: a crash leaves the old file or the new one, never half of either."""
-    partial = path.with_suffix(".partial")
-    with partial.open(mode) as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
-    _sync_folder(path.parent)
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    _write_durably(path, "wb", lambda file: torch.save(state, file))
-
-
-def _sync_folder(folder: Path) -> None:
-    """Makes a rename in ``folder`` durable (POSIX; elsewhere folders cannot be opened)."""
-    if os.name == "posix":
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+    write_durably(path, "wb", lambda file: torch.save(state, file))
 
 
 def _log_line(record: EpochRecord) -> str:
@@ -155,7 +133,7 @@ def append_log(path: Path, record: EpochRecord) -> None:
 def rewrite_log(path: Path, history: list[EpochRecord]) -> None:
     """The log of the epochs a checkpoint holds: lines a crash left past the checkpoint (or
     cut in half) go, a line the crash kept from being written comes back."""
-    _write_durably(path, "w", lambda log: log.writelines(_log_line(record) for record in history))
+    write_durably(path, "w", lambda log: log.writelines(_log_line(record) for record in history))
 
 
 def check_run_folder(config: TrainConfig, out: Path) -> None:
