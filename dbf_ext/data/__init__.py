@@ -9,7 +9,7 @@
 * :mod:`.split`: :func:`split_dota` cuts large images into overlapping patches (mmrotate's
   DOTA split tool's semantics), :func:`parse_patch_name` reads the patch names back.
 * :mod:`.synthetic`: :func:`prepare_synthetic_dota` writes (once, into the user cache) a
-  deterministic synthetic aerial set in DOTA format.
+  deterministic synthetic aerial set in DOTA format (256 px tiles, or large scenes).
 
 Pure Python (numpy, torch, Pillow); only :func:`masks_to_dota` needs the compiled extension.
 """
@@ -51,9 +51,11 @@ from .split import (
 from .synthetic import (
     SYNTHETIC_CLASSES,
     SyntheticConfig,
+    SyntheticSceneConfig,
     default_cache_dir,
     generate_synthetic_dota,
     prepare_synthetic_dota,
+    render_synthetic_scene,
     render_synthetic_tile,
 )
 
@@ -74,6 +76,7 @@ __all__ = [
     "SplitSummary",
     "ImageReadError",
     "SyntheticConfig",
+    "SyntheticSceneConfig",
     "Task1Detections",
     "boxes_to_polygons",
     "collate_fn",
@@ -92,6 +95,7 @@ __all__ = [
     "read_dota_task1",
     "read_instance_map",
     "read_rgb8",
+    "render_synthetic_scene",
     "render_synthetic_tile",
     "sliding_windows",
     "split_dota",

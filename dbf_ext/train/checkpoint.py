@@ -14,6 +14,7 @@ import torch
 
 from dbf_ext._io import write_durably
 from dbf_ext.train.config import TrainConfig
+from dbf_ext.train.model import build_detector
 from dbf_ext.train.report import EpochRecord, InitReport
 
 
@@ -71,6 +72,23 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str 
     except RuntimeError as err:
         raise CheckpointError(f"the weights in {path} do not fit model {state['config']['model']} "
                               f"with {len(state['classes'])} classes: {_first_line(err)}") from None
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu"
+                  ) -> tuple[torch.nn.Module, tuple[str, ...], dict[str, Any]]:
+    """The detector of a checkpoint written by :func:`train`, ready for inference.
+
+    Returns ``(model, classes, config)``: the model built as it was trained, with the
+    checkpoint's weights, on ``device``, in eval mode; the class names in its label order
+    (label ``k`` is ``classes[k - 1]``); the run's configuration (a dict of
+    :class:`~dbf_ext.train.TrainConfig`'s fields). Unusable files raise as
+    :func:`load_checkpoint` and :func:`load_model_weights` do.
+    """
+    state = load_checkpoint(path)
+    config, classes = state["config"], tuple(state["classes"])
+    model = build_detector(config["model"], len(classes), config["image_size"])
+    load_model_weights(model, state, path)
+    return model.to(device).eval(), classes, config
 
 
 def load_matching_weights(model: torch.nn.Module, path: str | Path) -> InitReport:
