@@ -12,12 +12,13 @@ from typing import IO, Any
 PARTIAL_SUFFIX = ".partial"
 
 
-def write_durably(path: Path, mode: str, write: Callable[[IO[Any]], None]) -> None:
+def write_durably(path: Path, mode: str, write: Callable[[IO[Any]], None], *, sync: bool = True) -> None:
     """``write(file)`` into a file beside ``path``, synced, then renamed over ``path`` and the
     rename synced: a crash leaves the old file or the new one, never half of either.
 
     The file in progress is ``path`` with its suffix replaced by :data:`PARTIAL_SUFFIX`, so
-    readers that look for ``.png`` or ``.txt`` files never see it.
+    readers that look for ``.png`` or ``.txt`` files never see it. ``sync=False`` leaves the
+    rename to be made durable by the caller (:func:`sync_folder`, once for many files).
     """
     partial = path.with_suffix(PARTIAL_SUFFIX)
     try:
@@ -29,7 +30,8 @@ def write_durably(path: Path, mode: str, write: Callable[[IO[Any]], None]) -> No
     except BaseException:
         partial.unlink(missing_ok=True)  # a full disk or an interrupt: no debris
         raise
-    sync_folder(path.parent)
+    if sync:
+        sync_folder(path.parent)
 
 
 def sync_folder(folder: Path) -> None:

@@ -319,6 +319,22 @@ def test_images_beyond_pillows_pixel_limit_are_split(source, tmp_path, monkeypat
     assert_same_split(read_split(tmp_path / "out"), expected)
 
 
+@pytest.mark.parametrize("shape", [(1, 1), (7, 300), (300, 7), (64, 65)])
+def test_patch_png_files_read_back_exactly(shape, tmp_path, monkeypatch):
+    rng = np.random.default_rng(shape[0])
+    pixels = rng.integers(0, 256, size=(*shape, 3), dtype=np.uint8)
+    pixels[: shape[0] // 2] = pixels[: shape[0] // 2] // 32 * 32  # runs as well as noise
+    monkeypatch.setattr(split_module, "_PNG_CHUNK_BYTES", 1000)  # several data chunks
+    path = tmp_path / "patch.png"
+    path.write_bytes(split_module.encode_png(pixels))
+    with Image.open(path) as image:
+        assert image.mode == "RGB"
+        np.testing.assert_array_equal(np.asarray(image), pixels)
+    assert split_module._png_is_complete(path)
+    path.write_bytes(path.read_bytes()[:-1])
+    assert not split_module._png_is_complete(path)
+
+
 # ----- interruptions ---------------------------------------------------------------------------------
 
 
@@ -356,21 +372,26 @@ def test_a_killed_worker_leaves_no_half_patch_and_a_rerun_finishes(source, tmp_p
     the split, identical to an uninterrupted one."""
     out, marker = tmp_path / "out", tmp_path / "killed"
     script = textwrap.dedent(f"""
-        import os, signal, sys
-        from PIL import Image
+        import io, os, signal, sys
+        import dbf_ext.data.split as split
         from dbf_ext.cli import main
-        real_save = Image.Image.save
+        real_write = split.write_durably
 
-        def save(self, file, *args, **kwargs):
-            if not os.path.exists({str(marker)!r}) and hasattr(file, "write"):
+        def write_durably(path, mode, write, **options):
+            if path.suffix == ".png" and not os.path.exists({str(marker)!r}):
                 open({str(marker)!r}, "w").close()
-                real_save(self, file, *args, **kwargs)
-                file.truncate(file.tell() // 2)
-                file.flush()
-                os.kill(os.getpid(), signal.SIGKILL)
-            return real_save(self, file, *args, **kwargs)
 
-        Image.Image.save = save
+                def half_then_killed(file):
+                    whole = io.BytesIO()
+                    write(whole)
+                    file.write(whole.getvalue()[: len(whole.getvalue()) // 2])
+                    file.flush()
+                    os.kill(os.getpid(), signal.SIGKILL)
+
+                return real_write(path, mode, half_then_killed, **options)
+            return real_write(path, mode, write, **options)
+
+        split.write_durably = write_durably
         sys.exit(main(["split", {str(source)!r}, {str(out)!r}, "--patch-size", "128", "--gap", "32",
                        "--workers", "2"]))
     """)
