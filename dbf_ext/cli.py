@@ -241,7 +241,7 @@ def _cmd_split(args: argparse.Namespace) -> int:
                              save_empty=args.save_empty, workers=args.workers, console=console)
         console.print(f"{source}: {summary.images} images -> {summary.patches} patches of "
                       f"{_window_text(args)} ({summary.written} written now), {summary.objects} objects, in "
-                      f"{target}")
+                      f"{target}", markup=False, highlight=False)
     return 0
 
 

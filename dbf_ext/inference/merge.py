@@ -13,7 +13,7 @@ from dbf_ext.data.dota import box_dim
 from dbf_ext.data.split import parse_patch_name
 
 #: IoU above which a detection is suppressed by a higher-scored one of its class when merging
-#: (mmrotate's ``merge_iou_thr`` / ``iou_thr`` of its merge, DOTA devkit's 0.1 for Task1).
+#: (mmrotate's ``iou_thr`` of its DOTA merge and ``merge_iou_thr`` of its huge-image demo).
 MERGE_IOU_THR = 0.1
 
 

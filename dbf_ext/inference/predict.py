@@ -10,6 +10,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from rich.markup import escape
 from rich.progress import Progress
 from torch import Tensor
 
@@ -109,7 +110,7 @@ def predict_large(
     pad = options.pad_rgb().astype(pixels.dtype) if full == 255.0 else options.pad_rgb() / np.float32(255)
     model.eval()
     device = _model_device(model)
-    task = progress.add_task(description, total=len(windows)) if progress is not None else None
+    task = progress.add_task(escape(description), total=len(windows)) if progress is not None else None
     parts = []
     for start in range(0, len(windows), batch_size):
         batch = windows[start:start + batch_size]
