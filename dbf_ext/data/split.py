@@ -98,6 +98,18 @@ def window_sizes(patch_size: int, gap: int, rates: Sequence[float]) -> list[tupl
     return sizes
 
 
+def _check_img_rate_thr(value: float) -> None:
+    if not 0 <= value < 1:
+        raise ValueError(f"img_rate_thr must be in [0, 1), got {value} (a window's image part is at most "
+                         "all of it, so 1 would keep no window)")
+
+
+def _check_iof_thr(value: float) -> None:
+    if not 0 < value <= 1:
+        raise ValueError(f"iof_thr must be in (0, 1], got {value} (0 would put every object of the image "
+                         "into every patch)")
+
+
 def _starts(length: int, size: int, step: int) -> list[int]:
     """Window starts along one axis (mmrotate: ``ceil((length - size) / step + 1)`` windows)."""
     if length <= size:
@@ -121,9 +133,7 @@ def sliding_windows(
     See the module docstring for the rule. Windows of two rates that round to the same size
     coincide; each is listed once.
     """
-    if not 0 <= img_rate_thr < 1:
-        raise ValueError(f"img_rate_thr must be in [0, 1), got {img_rate_thr} (a window's image part is "
-                         "at most all of it, so 1 would keep no window)")
+    _check_img_rate_thr(img_rate_thr)
     if width < 1 or height < 1:
         raise ValueError(f"image size must be positive, got {width} x {height}")
     blocks = []
@@ -265,9 +275,7 @@ def window_objects(
 ) -> list[tuple[np.ndarray, np.ndarray]]:
     """The objects each window keeps: per window, ``(indices, iof)`` of the objects with IoF
     ``>= iof_thr`` (int64 and float64 ``(k,)``, increasing index). IoF < 1: truncated."""
-    if not 0 < iof_thr <= 1:
-        raise ValueError(f"iof_thr must be in (0, 1], got {iof_thr} (0 would put every object of the "
-                         "image into every patch)")
+    _check_iof_thr(iof_thr)
     objects, owners, iof = window_iof(polygons, windows)
     kept = iof >= iof_thr
     objects, owners, iof = objects[kept], owners[kept], iof[kept]
@@ -384,10 +392,8 @@ class SplitOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "rates", tuple(float(r) for r in self.rates))
         window_sizes(self.patch_size, self.gap, self.rates)
-        sliding_windows(1, 1, self.patch_size, self.gap, self.rates, self.img_rate_thr)  # checks the threshold
-        if not 0 < self.iof_thr <= 1:
-            raise ValueError(f"iof_thr must be in (0, 1], got {self.iof_thr} (0 would put every object "
-                             "of the image into every patch)")
+        _check_img_rate_thr(self.img_rate_thr)
+        _check_iof_thr(self.iof_thr)
         pad = (self.pad_value,) * 3 if isinstance(self.pad_value, int) else tuple(self.pad_value)
         if len(pad) != 3 or not all(isinstance(v, int) and 0 <= v <= 255 for v in pad):
             raise ValueError(f"pad_value must be one integer or three (B, G, R) in [0, 255], got {self.pad_value!r}")
