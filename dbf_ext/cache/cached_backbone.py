@@ -17,7 +17,7 @@ from torch.utils.hooks import RemovableHandle
 from dbf_ext import _ext
 from dbf_ext.cache.data import PlaceholderMiss
 from dbf_ext.cache.store import CacheKey, FeatureCache
-from dbf_ext.freeze.frozen_backbone import nest_wrapped_keys
+from dbf_ext.freeze.frozen_backbone import nest_wrapped_keys, unnest_wrapped_keys
 
 
 def weights_fingerprint(module: nn.Module) -> Hashable:
@@ -99,13 +99,11 @@ class CachedBackbone(nn.Module):
         cache.bind_weights(self.serving_weights)
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending_timings: list[tuple[Any, Any, int]] = []
+        # The state dict has the wrapped backbone's own keys (no extra level), so checkpoints
+        # load into the model without the cache, and back.
         self.register_load_state_dict_pre_hook(
             lambda module, state_dict, prefix, *_: nest_wrapped_keys(state_dict, prefix))
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The wrapped backbone's state dict with its own keys (no extra level), so checkpoints
-        load into the model without the cache, and back."""
-        return self.backbone.state_dict(*args, **kwargs)
+        self.register_state_dict_post_hook(unnest_wrapped_keys)
 
     @property
     def frozen(self) -> bool:
