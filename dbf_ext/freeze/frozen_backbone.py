@@ -69,7 +69,25 @@ def _load_with_unwrapped_keys(
     module.mark_weights_changed()
 
 
-class FrozenBackbone(nn.Module):
+class AttributeFallThrough:
+    """Mixin of the backbone wrappers (this one and :class:`dbf_ext.cache.CachedBackbone`): an
+    attribute the wrapper does not have is read from its ``backbone`` child, so code that
+    reaches into the backbone (``model.backbone.layer4``, a framework's ``init_weights``
+    walk) keeps working after wrapping."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Look the wrapped module up without recursing into __getattr__: during unpickling
+            # or deepcopy, _modules may not exist yet.
+            wrapped = self.__dict__.get("_modules", {}).get("backbone")
+            if wrapped is None:
+                raise
+            return getattr(wrapped, name)
+
+
+class FrozenBackbone(AttributeFallThrough, nn.Module):
     """Wraps a backbone so it can be frozen (see the module docstring) and unfrozen.
 
     The wrapped module may return a tensor, or a tuple, list or dict (e.g. the ``OrderedDict``
@@ -184,17 +202,6 @@ class FrozenBackbone(nn.Module):
             return self.backbone(*args, **kwargs)
         with torch.no_grad():
             return self.backbone(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            # Look the wrapped module up without recursing into __getattr__: during unpickling
-            # or deepcopy, _modules may not exist yet.
-            wrapped = self.__dict__.get("_modules", {}).get("backbone")
-            if wrapped is None:
-                raise
-            return getattr(wrapped, name)
 
     def extra_repr(self) -> str:
         return f"frozen={self._frozen}, weights_version={self._weights_version}"
