@@ -42,8 +42,6 @@ class DBFHook(Hook):
     ``cache``, ``backbone``, ``iters_per_epoch``, ``keyable_transforms``, ``key_fields``).
     """
 
-    priority = "NORMAL"
-
     def __init__(self, schedule, cache: Mapping[str, Any] | None = None, backbone: str = "backbone",
                  iters_per_epoch: int | None = None, keyable_transforms: Iterable[str] = (),
                  key_fields: Sequence[str] = DEFAULT_KEY_FIELDS):

@@ -253,3 +253,48 @@ def test_unkeyable_pipeline_is_detected_on_a_real_dataset(tmp_path):
         warnings.simplefilter("error")
         assert core.sample_key({"filename": "P0000.png", "flip": False, "flip_direction": None,
                                 "img_shape": (96, 96, 3), "scale_factor": np.ones(4)}) is None
+
+
+def test_launcher_installs_the_shim_before_a_script_imports_mmrotate(tmp_path):
+    import subprocess
+    import sys
+
+    script = tmp_path / "train.py"
+    script.write_text("import sys\nimport mmrotate.models, mmcv.ops\n"
+                      "print('args', sys.argv[1:], mmcv.ops.get_compiler_version())\n")
+    result = subprocess.run([sys.executable, "-m", "dbf_ext.integrations.mmcv_ops", str(script),
+                             "config.py", "--work-dir", "x"], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "args ['config.py', '--work-dir', 'x'] none: mmcv._ext is dbf_ext" in result.stdout
+    usage = subprocess.run([sys.executable, "-m", "dbf_ext.integrations.mmcv_ops"], capture_output=True,
+                           text=True, timeout=600)
+    assert usage.returncode == 2 and "usage:" in usage.stderr
+
+
+def test_iteration_based_runner_decides_per_iters_per_epoch(tmp_path):
+    _write_dota(tmp_path / "dota", count=2)
+    config = _runner_config(tmp_path / "dota", tmp_path / "run", max_epochs=1)
+    config.runner = dict(type="IterBasedRunner", max_iters=4)
+    config.checkpoint_config = dict(interval=4, by_epoch=False)
+    config.custom_hooks = [dict(type="DBFHook", schedule=dict(type="StepInterval", unfrozen_epochs=[1]),
+                                cache=dict(storage_dtype="float32", cpu_bytes="64MB"), iters_per_epoch=2)]
+    import dbf_ext.integrations.openmmlab as core_module
+
+    decisions = []
+    original = core_module.DBFHookCore.begin_epoch
+
+    def spy(core, epoch):
+        changed = original(core, epoch)
+        decisions.append((epoch, core.controller.is_frozen))
+        return changed
+
+    core_module.DBFHookCore.begin_epoch = spy
+    try:
+        runner = _train(config)
+    finally:
+        core_module.DBFHookCore.begin_epoch = original
+    # one batch of 2 images per iteration, 2 iterations per schedule epoch
+    assert decisions == [(0, True), (0, True), (1, False), (1, False)]
+    checkpoint = torch.load(tmp_path / "run" / "iter_4.pth", map_location="cpu", weights_only=False)
+    assert checkpoint["meta"]["dbf"]["controller"]["epoch"] == 1
+    assert runner.model.module.backbone.cache.stats.hits == 2  # iteration 1 reused iteration 0's

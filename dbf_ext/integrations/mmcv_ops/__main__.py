@@ -9,6 +9,7 @@ CONFIG --launcher pytorch``.
 
 from __future__ import annotations
 
+import os
 import runpy
 import sys
 
@@ -18,16 +19,18 @@ _USAGE = "usage: python -m dbf_ext.integrations.mmcv_ops (SCRIPT | -m MODULE) [A
 
 
 def main(argv: list[str]) -> None:
-    if not argv or argv[0] in ("-h", "--help") or (argv[0] == "-m" and len(argv) < 2):
-        print(_USAGE, file=sys.stderr if argv[:1] != ["-h"] and argv[:1] != ["--help"] else sys.stdout)
-        raise SystemExit(0 if argv[:1] in (["-h"], ["--help"]) else 2)
+    if not argv or argv[0] in ("-h", "--help") or argv == ["-m"]:
+        asked = argv[:1] in (["-h"], ["--help"])
+        print(_USAGE, file=sys.stdout if asked else sys.stderr)
+        raise SystemExit(0 if asked else 2)
     install()
     if argv[0] == "-m":
-        sys.argv = [argv[1], *argv[2:]]
+        sys.argv = argv[1:]
         runpy.run_module(argv[1], run_name="__main__", alter_sys=True)
     else:
         sys.argv = list(argv)
-        sys.path.insert(0, __import__("os").path.dirname(argv[0]) or ".")
+        # as `python SCRIPT` does: the script's folder first on the import path
+        sys.path.insert(0, os.path.dirname(os.path.abspath(argv[0])))
         runpy.run_path(argv[0], run_name="__main__")
 
 
