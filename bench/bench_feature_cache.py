@@ -2,7 +2,7 @@
 and host / disk tier throughput.
 
 CPU: a Faster R-CNN with a ResNet-50 FPN, and one with a Swin-T FPN (torchvision's ``swin_t``
-trunk, :class:`dbf_ext.train.model.SwinBackboneWithFPN`), on synthetic 512 x 512 tiles; GPU
+trunk, :class:`dbf_ext.models.SwinBackboneWithFPN`), on synthetic 512 x 512 tiles; GPU
 (when present): the same at 1024 x 1024. Run: ``python -m pytest bench/bench_feature_cache.py --benchmark-only``.
 """
 
@@ -17,7 +17,7 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 
 from dbf_ext.cache import CachedBackbone, FeatureCache, SlabLayout
 from dbf_ext.freeze import FrozenBackbone
-from dbf_ext.train.model import SwinBackboneWithFPN
+from dbf_ext.models import SwinBackboneWithFPN
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -62,13 +62,27 @@ sanitize memcheck 75 "cuda and not train_cli"
 sanitize racecheck 75 "cuda and (test_cuda_matches_cpu or chunked or batched_equals_per_image or pairwise_matches_shapely)"
 
 for suite in "box_iou_rotated -k test_gpu" "nms_rotated -k cuda" "assign -k test_gpu" "feature_cache" \
-  "mask_to_obb -k test_gpu"; do
+  "mask_to_obb -k test_gpu" "distributed -k GPU"; do
   set -- $suite
   name=$1; shift
   timeout "$(stage_limit 60)" python3 -P -m pytest "bench/bench_$name.py" --benchmark-only -q \
     -p no:cacheprovider "$@" > "$LOGS/bench_$name.log" 2>&1
   echo "bench $name: exit $? after ${SECONDS}s" | tee -a "$LOGS/summary.txt"
 done
+
+# Data-parallel training on the GPU: two processes sharing GPU 0 (gloo; NCCL refuses two ranks
+# on one GPU), with SyncBatchNorm while the trunk trains and the cache in GPU memory. A smoke
+# check of the multi-process path on CUDA (the bench's "2 processes, GPU" case measures it);
+# with two or more GPUs, drop --device cuda:0 for one GPU per process and NCCL.
+(cd /tmp && timeout "$(stage_limit 90)" python3 -P -m torch.distributed.run --nproc_per_node=2 --standalone \
+    -m dbf_ext demo --epochs 4 --unfrozen 1 --output /tmp/ddp_smoke --device cuda:0) \
+  > "$LOGS/distributed_smoke.log" 2>&1
+echo "distributed smoke (demo, 2 processes on GPU 0): exit $? after ${SECONDS}s" | tee -a "$LOGS/summary.txt"
+(cd /tmp && timeout "$(stage_limit 90)" python3 -P -m torch.distributed.run --nproc_per_node=2 --standalone \
+    -m dbf_ext train --data "$(python3 -P -c 'from dbf_ext.data.synthetic import prepare_synthetic_dota as p; print(p(quiet=True))')" \
+    --output /tmp/ddp_syncbn --epochs 2 --unfrozen-epochs 0 --sync-bn --cache bfloat16:gpu=1GB --device cuda:0) \
+  > "$LOGS/distributed_sync_bn.log" 2>&1
+echo "distributed --sync-bn (2 processes on GPU 0): exit $? after ${SECONDS}s" | tee -a "$LOGS/summary.txt"
 
 timeout "$(stage_limit 120)" bash -c "$(declare -f run_pytest); run_pytest -k 'not cuda'" \
   > "$LOGS/tests_rest.log" 2>&1

@@ -62,9 +62,12 @@ def _print_summary(result, console) -> None:
 
 def _run_training(config, plot: str | None) -> int:
     from dbf_ext.train import output_console, plot_history, train
+    from dbf_ext.train.distributed import is_main_process
 
     console = output_console()
     result = train(config, console=console)
+    if not is_main_process():  # every rank returns the job's result; rank 0 reports it
+        return 0
     _print_summary(result, console)
     if plot:
         plot_history(result, plot)
@@ -75,9 +78,12 @@ def _run_training(config, plot: str | None) -> int:
 def _cmd_demo(args: argparse.Namespace) -> int:
     from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
     from dbf_ext.train import TrainConfig
+    from dbf_ext.train.distributed import is_main_process
 
-    root = prepare_synthetic_dota(SyntheticConfig(), quiet=False)
-    print(f"synthetic aerial set: {root} (48 train / 16 val tiles, 4 classes)")
+    # Under torchrun every rank prepares the set (a lost race is harmless); rank 0 reports.
+    say = print if is_main_process() else (lambda *_: None)
+    root = prepare_synthetic_dota(SyntheticConfig(), quiet=not is_main_process())
+    say(f"synthetic aerial set: {root} (48 train / 16 val tiles, 4 classes)")
     config = TrainConfig(
         data=str(root),
         output_dir=args.output,
@@ -88,8 +94,8 @@ def _cmd_demo(args: argparse.Namespace) -> int:
         eval_every=4,
         device=args.device,
     )
-    print(f"training Faster R-CNN ({config.model}) for {config.epochs} epochs: backbone trained in "
-          f"epochs 0-{args.unfrozen - 1}, frozen after (DBF), features cached in bfloat16")
+    say(f"training Faster R-CNN ({config.model}) for {config.epochs} epochs: backbone trained in "
+        f"epochs 0-{args.unfrozen - 1}, frozen after (DBF), features cached in bfloat16")
     return _run_training(config, args.plot or str(Path(args.output) / "demo.png"))
 
 
@@ -128,23 +134,32 @@ def _cmd_train(args: argparse.Namespace) -> int:
         label_errors=args.label_errors,
         backbone_weights=args.backbone_weights,
         pretrained=args.pretrained,
+        sync_bn=args.sync_bn,
+        reshard=args.reshard,
+        lr_base_batch=args.scale_lr_from,
     )
     return _run_training(config, args.plot)
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
     from dbf_ext.data import DotaDetectionDataset
-    from dbf_ext.train import build_detector, evaluate, load_checkpoint, load_model_weights, resolve_device
+    from dbf_ext.train import build_detector, evaluate, init_distributed, load_checkpoint, load_model_weights
 
-    device = resolve_device(args.device)
-    state = load_checkpoint(args.checkpoint)
-    config, classes = state["config"], tuple(state["classes"])
-    # The classes the model was trained for, in its label order: the training folder may have
-    # moved or changed since.
-    dataset = DotaDetectionDataset(args.data or config["data"], args.split, classes=classes)
-    model = build_detector(config["model"], len(classes), config["image_size"])
-    load_model_weights(model, state, args.checkpoint)
-    mean_ap, per_class = evaluate(model.to(device), dataset, device, iou_thr=args.iou_thr)
+    context = init_distributed(args.device)  # started by torchrun: the ranks share the images
+    try:
+        state = load_checkpoint(args.checkpoint)
+        config, classes = state["config"], tuple(state["classes"])
+        # The classes the model was trained for, in its label order: the training folder may
+        # have moved or changed since.
+        dataset = DotaDetectionDataset(args.data or config["data"], args.split, classes=classes)
+        model = build_detector(config["model"], len(classes), config["image_size"])
+        load_model_weights(model, state, args.checkpoint)
+        mean_ap, per_class = evaluate(model.to(context.device), dataset, context.device,
+                                      iou_thr=args.iou_thr, context=context)
+    finally:
+        context.close()
+    if not context.is_main:
+        return 0
     print(f"mAP@{args.iou_thr} (VOC07) on {len(dataset)} images of '{args.split}': {mean_ap:.4f}")
     for name, ap in per_class.items():
         print(f"  {name:24s} {ap:.4f}")
@@ -199,6 +214,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     from dbf_ext.train import SCHEDULES, TrainConfig
     from dbf_ext.train.model import MODELS
+    from dbf_ext.train.sampler import RESHARD_POLICIES
 
     defaults = TrainConfig(data="")
     tr = commands.add_parser("train", help="train a detector on a DOTA-format folder")
@@ -221,9 +237,10 @@ def build_parser() -> argparse.ArgumentParser:
                     help="images are resized so their sides are at most this (default %(default)s)")
     tr.add_argument("--epochs", type=int, default=defaults.epochs, help="epochs to train (default %(default)s)")
     tr.add_argument("--batch-size", type=int, default=defaults.batch_size,
-                    help="images per step (default %(default)s)")
+                    help="images per step and process (default %(default)s)")
     tr.add_argument("--lr", type=float, default=defaults.lr,
-                    help="peak learning rate of SGD, after warm-up, cosine decay (default %(default)s)")
+                    help="peak learning rate of SGD for the total batch (all processes), after "
+                         "warm-up, cosine decay (default %(default)s)")
     tr.add_argument("--schedule", choices=SCHEDULES, default=defaults.schedule,
                     help="freezing schedule of the backbone (default %(default)s)")
     tr.add_argument("--unfrozen-epochs", default="0",
@@ -266,6 +283,18 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--fe-variance-weight", type=float, default=defaults.fe_variance_weight,
                     help="feature enhancement: weight of the early stages' mean per-filter weight "
                          "variance, subtracted (default %(default)s; the paper's value is not public)")
+    tr.add_argument("--sync-bn", action="store_true",
+                    help="data-parallel runs on GPUs: SyncBatchNorm in the trunk while it trains "
+                         "(batch statistics over all ranks' images)")
+    tr.add_argument("--reshard", choices=RESHARD_POLICIES, default=defaults.reshard,
+                    help="data-parallel runs: when each rank gets a new shard of the training set "
+                         "(default %(default)s: in epochs where the backbone trains; never: the "
+                         "first shards for the whole run); between re-deals a rank's feature "
+                         "cache serves its own shard")
+    tr.add_argument("--scale-lr-from", type=int, metavar="BATCH",
+                    help="--lr is for a total batch of BATCH images: scaled linearly to the real "
+                         "total batch (--batch-size x processes); without it --lr is the total "
+                         "batch's")
     tr.add_argument("--plot", help="write losses, mAP and the freeze timeline to this PNG")
     tr.set_defaults(handler=_cmd_train)
 
@@ -295,6 +324,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from dbf_ext.train.distributed import RankMismatchError
+
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "handler", None):
@@ -304,7 +335,7 @@ def main(argv: list[str] | None = None) -> int:
         return args.handler(args)
     # Mistakes and faults of input, files and numbers: one line, no traceback. OSError covers
     # missing files, permissions, a file where a folder should be, a full disk.
-    except (ValueError, TypeError, OSError, ImportError, FloatingPointError) as err:
+    except (ValueError, TypeError, OSError, ImportError, FloatingPointError, RankMismatchError) as err:
         print(f"dbf-ext {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1
 

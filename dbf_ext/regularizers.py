@@ -53,7 +53,7 @@ def default_stages(backbone: nn.Module) -> tuple[list[str], list[str]]:
       ``layer4`` (strides 16, 32);
     * torchvision SwinTransformer (or anything holding its ``features``): early
       ``features.1``, ``features.3``, late ``features.5``, ``features.7`` (the same strides);
-    * the demo's :func:`~dbf_ext.train.model.tiny_trunk` (``stem``, ``layer1``, ``layer2``,
+    * the demo's :func:`~dbf_ext.models.tiny_trunk` (``stem``, ``layer1``, ``layer2``,
       strides 4, 8, 16): early ``stem``, ``layer1``, late ``layer2`` (split by stride as for
       ResNet: up to 8 early, 16 and beyond late).
 

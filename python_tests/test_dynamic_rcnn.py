@@ -17,7 +17,7 @@ from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHead
 from torchvision.ops import MultiScaleRoIAlign
 
-import dbf_ext.integrations.torchvision as tv_integration
+import dbf_ext.assign.max_iou as max_iou_module
 from dbf_ext.assign import (
     DynamicRCNNController,
     DynamicSmoothL1Loss,
@@ -224,13 +224,15 @@ def test_dynamic_roi_heads_train_and_update(monkeypatch):
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
 
     thresholds_used = []
-    assign = tv_integration.batched_max_iou_assign
+    assign = max_iou_module.batched_max_iou_assign
 
     def spying_assign(*args, **kwargs):
         thresholds_used.append(kwargs["pos_iou_thr"])
         return assign(*args, **kwargs)
 
-    monkeypatch.setattr(tv_integration, "batched_max_iou_assign", spying_assign)
+    # The RoI head assigns through dbf_ext.assign.assign_proposals_with_gts (the RPN keeps
+    # torchvision's matcher).
+    monkeypatch.setattr(max_iou_module, "batched_max_iou_assign", spying_assign)
     histories = []
     update = controller.update
 

@@ -11,9 +11,8 @@ from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
 from torchvision.models.swin_transformer import SwinTransformer
 
 from dbf_ext.freeze import FrozenBackbone, StepInterval, apply_dbf
+from dbf_ext.models import build_detector, tiny_trunk
 from dbf_ext.regularizers import FeatureEnhancement, default_stages
-from dbf_ext.train import build_detector
-from dbf_ext.train.model import tiny_trunk
 
 
 def small_swin() -> SwinTransformer:

@@ -29,15 +29,17 @@ from dbf_ext.cache import CachedBackbone, FeatureCache
 from dbf_ext.cli import main
 from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
 from dbf_ext.freeze import AlwaysFrozen, FrozenBackbone, apply_dbf
-from dbf_ext.testing import random_detection_batch
-from dbf_ext.train import MODELS, TrainConfig, build_detector
-from dbf_ext.train.model import (
+from dbf_ext.models import (
+    MODELS,
     SWIN_STAGES,
     SwinBackboneWithFPN,
     SwinTrunk,
+    build_detector,
     load_backbone_weights,
     pretrained_weights_path,
 )
+from dbf_ext.testing import random_detection_batch
+from dbf_ext.train import TrainConfig
 
 VERSIONS = ("v1", "v2")
 EMBED_DIM = 16

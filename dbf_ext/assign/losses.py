@@ -86,3 +86,30 @@ class DynamicSmoothL1Loss(nn.Module):
             f"beta={self.beta} ({source}), reduction={self.reduction}, "
             f"loss_weight={self.loss_weight}"
         )
+
+
+def fast_rcnn_losses(
+    class_logits: Tensor,
+    positive_regression: Tensor,
+    labels: Tensor,
+    positive_targets: Tensor,
+    box_loss: DynamicSmoothL1Loss,
+) -> dict[str, Tensor]:
+    """The losses of a two-stage detector's box head on its sampled RoIs (torchvision's
+    ``fastrcnn_loss`` with a scheduled SmoothL1; mmdetection's ``BBoxHead.loss`` likewise).
+
+    Args:
+        class_logits: ``(S, num_classes + 1)`` logits of the ``S`` sampled RoIs.
+        positive_regression: ``(P, D)`` predicted deltas of the positives (of their class).
+        labels: ``(S,)`` int64 class of each sampled RoI, ``0`` background.
+        positive_targets: ``(P, D)`` regression targets of the positives.
+        box_loss: the SmoothL1 (``reduction="mean"``), fixed or following a controller.
+
+    Returns:
+        ``{"loss_classifier": cross entropy averaged over the sampled RoIs, "loss_box_reg":
+        SmoothL1 summed over the positives' deltas and divided by the sampled RoIs}``.
+    """
+    return {
+        "loss_classifier": F.cross_entropy(class_logits, labels),
+        "loss_box_reg": box_loss(positive_regression, positive_targets, avg_factor=max(labels.numel(), 1)),
+    }

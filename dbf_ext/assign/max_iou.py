@@ -9,8 +9,10 @@ through a spatial grid) and the extra memory is ``O(boxes + gts)``.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -25,6 +27,9 @@ from dbf_ext._validation import (
     check_same_device,
 )
 from dbf_ext.ops.max_iou_assign import MaxIoUAssignOptions, max_iou_assign_op
+
+if TYPE_CHECKING:
+    from dbf_ext.assign.dynamic_rcnn import DynamicRCNNController
 
 _BOX_CHECKS = {"hbb": check_horizontal_boxes, "obb": check_rotated_boxes}
 
@@ -268,3 +273,51 @@ def _offsets(counts: list[int], device: torch.device) -> Tensor:
     for count in counts:
         starts.append(starts[-1] + count)
     return _ext.host_values_to(device, starts, torch.int64)
+
+
+def assign_proposals_with_gts(
+    proposals: Sequence[Tensor],
+    gt_boxes: Sequence[Tensor],
+    gt_labels: Sequence[Tensor],
+    options: MaxIoUAssignOptions,
+    box_type: str,
+    controller: DynamicRCNNController | None = None,
+) -> tuple[list[Tensor], list[Tensor]]:
+    """The assignment of a two-stage detector's second stage, whose proposals end with the
+    image's gt boxes (added as proposals, as mmdetection's samplers do).
+
+    The proposals before the gts are assigned by :func:`batched_max_iou_assign` with
+    ``options`` (one kernel call for the batch); each gt box is assigned to its own gt after
+    them, so it never takes a low-quality match away from a real proposal. With a
+    ``controller`` (Dynamic R-CNN) its IoU statistic is recorded
+    (``return_topk_iou=controller.iou_topk``, the gts counted with IoU 1).
+
+    Args:
+        proposals: per image ``(N_i + G_i, 4)`` (``box_type="hbb"``) or ``(N_i + G_i, 5)``
+            (``"obb"``) proposals, the last ``G_i`` rows the gt boxes.
+        gt_boxes, gt_labels: per image ``(G_i, 4 | 5)`` boxes and ``(G_i,)`` integer labels.
+
+    Returns:
+        torchvision's ``(matched_idxs, labels)`` per image: ``matched_idxs`` ``(N_i + G_i,)``
+        int64 the assigned gt (0 where not positive), ``labels`` ``(N_i + G_i,)`` int64 the
+        gt's label for positives, ``0`` background, ``-1`` ignored.
+    """
+    real = [p[: p.shape[0] - g.shape[0]] for p, g in zip(proposals, gt_boxes)]
+    results = batched_max_iou_assign(
+        real,
+        gt_boxes,
+        gt_labels,
+        **dataclasses.asdict(options),
+        box_type=box_type,
+        return_topk_iou=None if controller is None else controller.iou_topk,
+        topk_with_gts=True,
+    )
+    if controller is not None:
+        controller.record_iou([r.kth_largest_overlap for r in results])
+    matched_idxs, labels = [], []
+    for result, image_labels in zip(results, gt_labels):
+        own = torch.arange(result.num_gts, device=result.gt_inds.device)
+        matched_idxs.append(torch.cat(((result.gt_inds - 1).clamp(min=0), own)))
+        box_labels = torch.where(result.gt_inds == 0, 0, result.labels)
+        labels.append(torch.cat((box_labels, image_labels.to(torch.int64))))
+    return matched_idxs, labels

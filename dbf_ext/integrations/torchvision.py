@@ -1,4 +1,4 @@
-"""Dynamic R-CNN for torchvision's Faster R-CNN.
+"""Dynamic R-CNN for torchvision's Faster R-CNN (and the switch for Oriented R-CNN).
 
 :class:`DynamicRoIHeads` is a drop-in :class:`~torchvision.models.detection.roi_heads.RoIHeads`
 that, in training, assigns the proposals with :func:`dbf_ext.assign.batched_max_iou_assign`
@@ -31,14 +31,15 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torchvision.models.detection import FasterRCNN
 from torchvision.models.detection.roi_heads import RoIHeads
 
 from dbf_ext.assign.dynamic_rcnn import DynamicRCNNController
-from dbf_ext.assign.losses import DynamicSmoothL1Loss
-from dbf_ext.assign.max_iou import batched_max_iou_assign
+from dbf_ext.assign.losses import DynamicSmoothL1Loss, fast_rcnn_losses
+from dbf_ext.assign.max_iou import assign_proposals_with_gts
+from dbf_ext.models.oriented_rcnn import OrientedRCNN
+from dbf_ext.models.rotated_roi_heads import RotatedRoIHeads
 from dbf_ext.ops.max_iou_assign import MaxIoUAssignOptions
 
 __all__ = ["DynamicRoIHeads", "use_dynamic_roi_heads"]
@@ -116,27 +117,11 @@ class DynamicRoIHeads(RoIHeads):
         Returns torchvision's ``(matched_idxs, labels)``: labels ``> 0`` positive (the gt's
         class), ``0`` background, ``-1`` ignored.
         """
-        real = [p[: p.shape[0] - g.shape[0]] for p, g in zip(proposals, gt_boxes)]
         self.assign_options = dataclasses.replace(
             self.assign_options, **self.controller.assigner_options()
         )
-        results = batched_max_iou_assign(
-            real,
-            gt_boxes,
-            gt_labels,
-            **dataclasses.asdict(self.assign_options),
-            box_type="hbb",
-            return_topk_iou=self.controller.iou_topk,
-            topk_with_gts=True,
-        )
-        self.controller.record_iou([r.kth_largest_overlap for r in results])
-        matched_idxs, labels = [], []
-        for result, image_labels in zip(results, gt_labels):
-            own = torch.arange(result.num_gts, device=result.gt_inds.device)
-            matched_idxs.append(torch.cat(((result.gt_inds - 1).clamp(min=0), own)))
-            box_labels = torch.where(result.gt_inds == 0, 0, result.labels)
-            labels.append(torch.cat((box_labels, image_labels.to(torch.int64))))
-        return matched_idxs, labels
+        return assign_proposals_with_gts(proposals, gt_boxes, gt_labels, self.assign_options, "hbb",
+                                         self.controller)
 
     def forward(self, features, proposals, image_shapes, targets=None):
         """Training: Dynamic R-CNN losses, then one controller step. Inference: torchvision's."""
@@ -152,31 +137,33 @@ class DynamicRoIHeads(RoIHeads):
         positive = torch.where(labels > 0)[0]
         positive_targets = regression_targets[positive]
         box_regression = box_regression.reshape(class_logits.shape[0], -1, 4)
-        losses = {
-            "loss_classifier": F.cross_entropy(class_logits, labels),
-            "loss_box_reg": self.box_loss(
-                box_regression[positive, labels[positive]], positive_targets,
-                avg_factor=labels.numel(),
-            ),
-        }
+        losses = fast_rcnn_losses(class_logits, box_regression[positive, labels[positive]], labels,
+                                  positive_targets, self.box_loss)
         self.controller.record_beta(positive_targets, num_images)
         self.controller.step()
         return [], losses
 
 
 def use_dynamic_roi_heads(
-    model: FasterRCNN, controller: DynamicRCNNController | None = None, **kwargs
+    model: FasterRCNN | OrientedRCNN, controller: DynamicRCNNController | None = None, **kwargs
 ) -> DynamicRCNNController:
-    """Replaces ``model.roi_heads`` by a :class:`DynamicRoIHeads` with the same modules.
+    """Turns on Dynamic R-CNN in a torchvision Faster R-CNN or a
+    :class:`~dbf_ext.models.OrientedRCNN`.
 
-    The weights (and the ``state_dict`` keys) are unchanged. ``kwargs`` go to
-    :class:`DynamicRoIHeads` (``gt_max_assign_all``, ``match_low_quality``). Returns the
-    controller (a default one when None is given), whose ``state_dict`` belongs in checkpoints.
+    Faster R-CNN: ``model.roi_heads`` is replaced by a :class:`DynamicRoIHeads` with the same
+    modules. Oriented R-CNN: its :class:`~dbf_ext.models.RotatedRoIHeads` switches to Dynamic
+    R-CNN (:meth:`~dbf_ext.models.RotatedRoIHeads.use_dynamic_rcnn`). The weights (and the
+    ``state_dict`` keys) are unchanged. ``kwargs``: ``gt_max_assign_all``,
+    ``match_low_quality``. Returns the controller (a default one when None is given), whose
+    ``state_dict`` belongs in checkpoints.
     """
-    if not isinstance(getattr(model, "roi_heads", None), RoIHeads):
+    roi_heads = getattr(model, "roi_heads", None)
+    if isinstance(roi_heads, RotatedRoIHeads):
+        return roi_heads.use_dynamic_rcnn(controller, **kwargs)
+    if not isinstance(roi_heads, RoIHeads):
         raise TypeError(
-            f"model must be a torchvision Faster R-CNN (with RoIHeads), got {type(model).__name__}"
+            "model must be a torchvision Faster R-CNN (with RoIHeads) or an Oriented R-CNN, got "
+            f"{type(model).__name__}"
         )
-    model.roi_heads = DynamicRoIHeads.from_roi_heads(model.roi_heads, controller=controller,
-                                                     **kwargs)
+    model.roi_heads = DynamicRoIHeads.from_roi_heads(roi_heads, controller=controller, **kwargs)
     return model.roi_heads.controller

@@ -9,11 +9,14 @@ Exported here: the operators whose public home is this package. The MaxIoU assig
 from dbf_ext.ops.box_iou_rotated import box_iou_rotated
 from dbf_ext.ops.mask_to_obb import mask_to_obb
 from dbf_ext.ops.nms_rotated import batched_nms_rotated, multiclass_nms_rotated, nms_rotated
+from dbf_ext.ops.roi_align_rotated import MultiScaleRoIAlignRotated, roi_align_rotated
 
 __all__ = [
+    "MultiScaleRoIAlignRotated",
     "batched_nms_rotated",
     "box_iou_rotated",
     "mask_to_obb",
     "multiclass_nms_rotated",
     "nms_rotated",
+    "roi_align_rotated",
 ]

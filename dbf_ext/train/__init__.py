@@ -3,22 +3,28 @@
 from dbf_ext.train.augment import KeyedFlipDataset, flip_boxes
 from dbf_ext.train.checkpoint import CheckpointError, load_checkpoint, load_matching_weights, load_model_weights
 from dbf_ext.train.config import SCHEDULES, TrainConfig, parse_cache_spec, parse_size, resolve_device
+from dbf_ext.train.distributed import DistributedContext, RankMismatchError, init_distributed
 from dbf_ext.train.engine import evaluate, train
 from dbf_ext.train.model import MODELS, build_detector
 from dbf_ext.train.report import EpochRecord, InitReport, TrainResult, output_console, plot_history, summary_rows
+from dbf_ext.train.sampler import CacheAffineSampler
 
 __all__ = [
     "MODELS",
     "SCHEDULES",
+    "CacheAffineSampler",
     "CheckpointError",
+    "DistributedContext",
     "EpochRecord",
     "InitReport",
     "KeyedFlipDataset",
+    "RankMismatchError",
     "TrainConfig",
     "TrainResult",
     "build_detector",
     "evaluate",
     "flip_boxes",
+    "init_distributed",
     "load_checkpoint",
     "load_matching_weights",
     "load_model_weights",

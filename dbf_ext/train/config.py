@@ -20,6 +20,7 @@ from dbf_ext.freeze import (
 )
 from dbf_ext.regularizers import DEFAULT_L2_WEIGHT, DEFAULT_VARIANCE_WEIGHT
 from dbf_ext.train.model import MODELS, pretrained_weights_path
+from dbf_ext.train.sampler import RESHARD_POLICIES
 
 SCHEDULES = ("step-interval", "even-interval", "always-frozen", "never-frozen", "frozen-after",
              "frozen-until")
@@ -95,6 +96,10 @@ class TrainConfig:
     label_errors: str = "raise"  # malformed label lines: "raise" or "warn" (warned and dropped)
     backbone_weights: str | None = None  # classification state dict file loaded into the trunk
     pretrained: bool = False  # the trunk's ImageNet weights from the local torch hub cache
+    # Data-parallel runs (torchrun); batch_size is per process, lr for the total batch.
+    sync_bn: bool = False  # SyncBatchNorm while the trunk trains (GPUs only)
+    reshard: str = "when-trained"  # CacheAffineSampler: deal new shards when the trunk trains, or never
+    lr_base_batch: int | None = None  # lr is for this total batch: scaled linearly to the real one
 
     def validate(self) -> None:
         if self.model not in MODELS:
@@ -117,6 +122,10 @@ class TrainConfig:
         if self.fe_l2_weight < 0 or self.fe_variance_weight < 0:
             raise ValueError(f"the feature-enhancement weights must be >= 0, got "
                              f"{self.fe_l2_weight}, {self.fe_variance_weight}")
+        if self.reshard not in RESHARD_POLICIES:
+            raise ValueError(f"reshard must be one of {RESHARD_POLICIES}, got {self.reshard!r}")
+        if self.lr_base_batch is not None and self.lr_base_batch <= 0:
+            raise ValueError(f"lr_base_batch must be positive, got {self.lr_base_batch}")
         if self.label_errors not in ("raise", "warn"):
             raise ValueError(f"label_errors must be 'raise' or 'warn', got {self.label_errors!r}")
         resolve_device(self.device)

@@ -31,9 +31,21 @@ from dbf_ext.train.checkpoint import (
     rewrite_log,
     save_checkpoint,
 )
-from dbf_ext.train.config import TrainConfig, parse_cache_spec, resolve_device
+from dbf_ext.train.config import TrainConfig, parse_cache_spec
+from dbf_ext.train.distributed import (
+    DistributedContext,
+    dynamic_rcnn_state,
+    init_distributed,
+    load_dynamic_rcnn_state,
+    reduce_cache_stats,
+    reduce_cache_summary,
+    reduce_epoch,
+    scaled_learning_rate,
+    wrap_model,
+)
 from dbf_ext.train.model import build_detector, load_backbone_weights
 from dbf_ext.train.report import EpochRecord, TrainResult, epoch_line, output_console, progress_bar
+from dbf_ext.train.sampler import CacheAffineSampler
 
 logger = logging.getLogger(__name__)
 
@@ -50,12 +62,17 @@ def _load_dataset(config: TrainConfig, split: str, classes=None) -> DotaDetectio
 
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, dataset: DotaDetectionDataset, device: torch.device,
-             batch_size: int = 8, iou_thr: float = 0.5) -> tuple[float, dict[str, float]]:
-    """VOC07 mAP at ``iou_thr`` of ``model`` on ``dataset`` (axis-aligned boxes)."""
+             batch_size: int = 8, iou_thr: float = 0.5,
+             context: DistributedContext | None = None) -> tuple[float, dict[str, float]]:
+    """VOC07 mAP at ``iou_thr`` of ``model`` on ``dataset`` (axis-aligned boxes).
+
+    With a distributed ``context`` every rank detects on its share of the batches and the
+    detections are gathered: every rank returns the mAP a single process computes.
+    """
+    context = context or DistributedContext(device=device)
     model.eval()
     detections = []
-    for start in range(0, len(dataset), batch_size):
-        indices = range(start, min(start + batch_size, len(dataset)))
+    for indices in context.shard_batches(len(dataset), batch_size):
         images = [dataset.load_image(i).to(device) for i in indices]
         for output in model(images):
             boxes, scores = output["boxes"].cpu().double(), output["scores"].cpu().double()
@@ -64,6 +81,7 @@ def evaluate(model: torch.nn.Module, dataset: DotaDetectionDataset, device: torc
                 torch.cat([boxes[labels == c], scores[labels == c, None]], 1).numpy()
                 for c in range(dataset.num_classes)
             ])
+    detections = context.gather_sharded(detections, len(dataset), batch_size)
     mean_ap, per_class = eval_map(detections, dataset.eval_annotations(), iou_thr=iou_thr,
                                   box_type="hbb", use_07_metric=True)
     return float(mean_ap), {name: float(per_class[c]["ap"]) for c, name in enumerate(dataset.classes)}
@@ -82,10 +100,26 @@ def train(config: TrainConfig, console: Console | None = None,
     :class:`~dbf_ext.regularizers.FeatureEnhancement` term of the trunk is added to the loss in
     epochs where the backbone trains. Axis-aligned boxes (from the DOTA polygons) until a rotated
     detector exists.
+
+    Started by torchrun (``WORLD_SIZE`` > 1 in the environment) or inside an initialised
+    process group, it trains data-parallel (:mod:`dbf_ext.train.distributed`): ``batch_size``
+    images per process, ``lr`` for the total batch, a :class:`CacheAffineSampler` shard and a
+    feature cache per rank, rank 0 alone writing the folder and the console. Every rank
+    returns the same result, whose figures are the whole job's.
     """
     config.validate()
-    console = console or output_console()
-    device = resolve_device(config.device)
+    context = init_distributed(config.device)
+    try:
+        return _train(config, context, console or output_console(), on_epoch_end)
+    finally:
+        context.close()
+
+
+def _train(config: TrainConfig, context: DistributedContext, console: Console,
+           on_epoch_end: Callable[[EpochRecord], None] | None) -> TrainResult:
+    if not context.is_main:
+        console = Console(quiet=True)
+    device = context.device
     out = Path(config.output_dir)
     check_run_folder(config, out)
     checkpoint_path = out / "checkpoint.pt"
@@ -96,6 +130,8 @@ def train(config: TrainConfig, console: Console | None = None,
     val_set = _load_dataset(config, "val", classes=train_set.classes)
     if state is not None:
         check_resumable(state, checkpoint_path, config, train_set.classes)
+    # Also a barrier: no rank writes into the folder before every rank has checked it.
+    context.check_same(state["epoch"] if state is not None else None, "the checkpoint's epoch")
     out.mkdir(parents=True, exist_ok=True)
     keyed = KeyedFlipDataset(train_set, hflip=config.hflip, seed=config.seed)
     model = build_detector(config.model, train_set.num_classes, config.image_size)
@@ -108,30 +144,45 @@ def train(config: TrainConfig, console: Console | None = None,
         console.print(f"initialised from {config.init_from}:")
         for line in init_report.lines():
             console.print(f"  {line}")
-    dbf = apply_dbf(model, config.freeze_schedule())
+    model.to(device)
+    parallel_model = wrap_model(model, context, config.sync_bn)  # before the first freeze
+    dbf = apply_dbf(parallel_model, config.freeze_schedule())
     dynamic = None
     if config.dynamic_rcnn:
         from dbf_ext.integrations.torchvision import use_dynamic_roi_heads
 
         dynamic = use_dynamic_roi_heads(model)
+        dynamic.distributed = context.is_distributed  # statistics of all ranks' images
     cache_options = parse_cache_spec(config.cache)
     cached = None
     if cache_options:
         disk_dir = config.cache_dir or (out / "feature_cache" if cache_options["disk_bytes"] else None)
-        cached = CachedBackbone(dbf.backbone, FeatureCache(**cache_options, disk_dir=disk_dir))
+        cached = CachedBackbone(dbf.backbone, FeatureCache(**cache_options,
+                                                           disk_dir=context.rank_folder(disk_dir)))
         cached.watch_input_sizes(model.transform)
         model.backbone.body = cached
-    model.to(device)
     enhancement = None
     if config.feature_enhancement:
         enhancement = FeatureEnhancement(dbf.backbone, l2_weight=config.fe_l2_weight,
                                          variance_weight=config.fe_variance_weight)
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.SGD(params, lr=config.lr, momentum=config.momentum,
+    total_batch = config.batch_size * context.world_size
+    lr = scaled_learning_rate(config.lr, config.lr_base_batch, total_batch)
+    optimizer = torch.optim.SGD(params, lr=lr, momentum=config.momentum,
                                 weight_decay=config.weight_decay)
     # Backbone parameters frozen later are skipped by the optimizer (their grad is None), so
     # one optimizer over all parameters serves frozen and unfrozen epochs alike.
-    steps_per_epoch = math.ceil(len(keyed) / config.batch_size)
+    sampler = None
+    if context.is_distributed:
+        sampler = CacheAffineSampler(len(keyed), context.world_size, context.rank, config.seed,
+                                     config.reshard, is_frozen=lambda e: dbf.schedule.is_frozen(e))
+        console.print(f"data-parallel: {context.world_size} processes on {device.type}, "
+                      f"{config.batch_size} images each per step (total batch {total_batch}), "
+                      f"{len(sampler)} of {len(keyed)} training images per process")
+    if config.lr_base_batch is not None and state is None:  # a resumed run goes on with its own
+        console.print(f"learning rate {config.lr:g} for a total batch of {config.lr_base_batch}, scaled "
+                      f"linearly to {lr:g} for this run's {total_batch}")
+    steps_per_epoch = math.ceil((len(sampler) if sampler is not None else len(keyed)) / config.batch_size)
     total_steps = steps_per_epoch * config.epochs
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer,
@@ -151,27 +202,39 @@ def train(config: TrainConfig, console: Console | None = None,
         scaler.load_state_dict(state["scaler"])
         dbf.load_state_dict(state["dbf"])
         if dynamic is not None and state.get("dynamic_rcnn") is not None:
-            dynamic.load_state_dict(state["dynamic_rcnn"])
-        if cached is not None and state.get("cache") is not None:
+            load_dynamic_rcnn_state(context, dynamic, state["dynamic_rcnn"])
+        # The job's summed statistics continue on rank 0 alone (the sum over ranks stays exact).
+        if cached is not None and state.get("cache") is not None and context.is_main:
             cached.cache.load_state_dict(state["cache"])
+        context.check_same_weights(model, "the weights read from the checkpoint")
         history = [EpochRecord(**record) for record in state["history"]]
         start_epoch = state["epoch"] + 1
         console.print(f"resumed from {checkpoint_path} after epoch {state['epoch']}")
-    else:
+        written_by = state.get("world_size", 1)
+        if written_by != context.world_size:
+            console.print(f"warning: {checkpoint_path} was written by {written_by} process(es), this "
+                          f"run has {context.world_size}: the shards and the steps per epoch change, "
+                          "and with them the cosine schedule's length in steps; the learning rate "
+                          "stays the checkpoint's (the run goes on, not as it would have)")
+    elif context.is_main:
         checkpoint_path.unlink(missing_ok=True)  # --overwrite: no old checkpoint beside a new log
-    rewrite_log(log_path, history)
+    if context.is_main:
+        rewrite_log(log_path, history)
 
     dataset = CacheAwareDataset(keyed) if cached is not None else keyed
     last_evaluation = None
     for epoch in range(start_epoch, config.epochs):
         dbf.on_epoch_start(epoch)
         frozen = dbf.is_frozen
+        context.check_same("frozen" if frozen else "trained", f"the freeze decision of epoch {epoch}")
         keyed.set_epoch(epoch)
         if cached is not None:
             dataset.set_epoch(epoch, cached.cache.keys_snapshot())
         # Seeded per epoch: shuffling and the detector's sampling are the same after a resume.
-        torch.manual_seed(config.seed * 1000 + epoch)
-        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=True,
+        torch.manual_seed(context.epoch_seed(config.seed, epoch))
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
                             num_workers=config.workers,
                             generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
                             collate_fn=cache_aware_collate if cached is not None else _collate)
@@ -193,9 +256,10 @@ def train(config: TrainConfig, console: Console | None = None,
                 with torch.autocast(device.type, enabled=use_amp):
                     if cached is not None:
                         losses = dataset.call_with_decoding(
-                            functools.partial(_cached_forward, model, cached), images, keys, targets)
+                            functools.partial(_cached_forward, parallel_model, cached), images, keys,
+                            targets)
                     else:
-                        losses = model(images, targets)
+                        losses = parallel_model(images, targets)
                     if enhancement is not None and not frozen:
                         losses["feature_enhancement"] = enhancement()
                     loss = sum(losses.values())
@@ -226,48 +290,67 @@ def train(config: TrainConfig, console: Console | None = None,
                 if cached is not None:
                     info += f"  cache hits {_hit_rate(cached.cache, hits_before, lookups_before):.0%}"
                 progress.update(task, advance=1, info=info)
-        seconds = time.perf_counter() - started
+        cache_counts = None
+        if cached is not None:
+            stats = cached.cache.stats
+            cache_counts = (stats.hits - hits_before, stats.hits + stats.misses - lookups_before,
+                            sum(cached.cache.bytes_used().values()))
+        job = reduce_epoch(context, sums, images_seen, time.perf_counter() - started, cache_counts)
         record = EpochRecord(
-            epoch=epoch, frozen=frozen, seconds=seconds, images_per_second=images_seen / seconds,
-            losses={k: v / images_seen for k, v in sums.items()},
+            epoch=epoch, frozen=frozen, seconds=job["seconds"],
+            images_per_second=job["images"] / job["seconds"], losses=job["losses"],
         )
         if cached is not None:
-            record.cache_hit_rate = _hit_rate(cached.cache, hits_before, lookups_before)
-            record.cache_bytes = sum(cached.cache.bytes_used().values())
+            record.cache_hit_rate = job["cache_hit_rate"]
+            record.cache_bytes = job["cache_bytes"]
+            if context.is_distributed:
+                record.cache_hit_rate_per_rank = job["cache_hit_rate_per_rank"]
         if enhancement_sums:
             record.feature_enhancement = {k: v / step for k, v in enhancement_sums.items()}
         if dynamic is not None:
             record.dynamic_rcnn = {"iou_threshold": dynamic.iou_threshold, "beta": dynamic.beta}
+        # Rank 0's running statistics (as DDP's buffer broadcast would give), then proof that
+        # every rank holds the same weights.
+        context.broadcast_buffers(model, skip=dbf.backbone if frozen else None)
+        context.check_same_weights(model, f"the model weights after epoch {epoch}")
         last = epoch == config.epochs - 1
         if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
-            last_evaluation = evaluate(model, val_set, device)
+            last_evaluation = evaluate(model, val_set, device, context=context)
             record.map50 = last_evaluation[0]
         history.append(record)
-        # Checkpoint first, then the log line: after a crash the log never names an epoch the
-        # checkpoint lacks, and a resume rewrites the log from the checkpoint's history.
-        save_checkpoint(checkpoint_path, {
-            "epoch": epoch,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "scheduler": scheduler.state_dict(),
-            "scaler": scaler.state_dict(),
-            "dbf": dbf.state_dict(),
-            "dynamic_rcnn": dynamic.state_dict() if dynamic is not None else None,
-            "cache": cached.cache.state_dict() if cached is not None else None,
-            "history": [dataclasses.asdict(r) for r in history],
-            "config": dataclasses.asdict(config),
-            "classes": list(train_set.classes),
-        })
-        append_log(log_path, record)
+        # The parts of the checkpoint every rank contributes to (collectives: on every rank).
+        dynamic_state = dynamic_rcnn_state(context, dynamic) if dynamic is not None else None
+        cache_state = None
+        if cached is not None:
+            cache_state = {"stats": reduce_cache_stats(context, cached.cache.state_dict()["stats"])}
+        if context.is_main:
+            # Checkpoint first, then the log line: after a crash the log never names an epoch
+            # the checkpoint lacks, and a resume rewrites the log from the checkpoint's history.
+            save_checkpoint(checkpoint_path, {
+                "epoch": epoch,
+                "model": model.state_dict(),
+                "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(),
+                "scaler": scaler.state_dict(),
+                "dbf": dbf.state_dict(),
+                "dynamic_rcnn": dynamic_state,
+                "cache": cache_state,
+                "history": [dataclasses.asdict(r) for r in history],
+                "config": dataclasses.asdict(config),
+                "classes": list(train_set.classes),
+                "world_size": context.world_size,
+            })
+            append_log(log_path, record)
         console.print(epoch_line(record))
         if on_epoch_end is not None:
             on_epoch_end(record)
 
     if last_evaluation is None:  # resumed after the last epoch
-        last_evaluation = evaluate(model, val_set, device)
+        last_evaluation = evaluate(model, val_set, device, context=context)
     final_map, per_class = last_evaluation
-    return TrainResult(config, history, train_set.classes, final_map, per_class,
-                       cached.cache.summary() if cached is not None else None, init_report)
+    cache_summary = reduce_cache_summary(context, cached.cache.summary()) if cached is not None else None
+    return TrainResult(config, history, train_set.classes, final_map, per_class, cache_summary,
+                       init_report)
 
 
 def _cached_forward(model, cached: CachedBackbone, images, keys, targets):

@@ -21,13 +21,15 @@ class EpochRecord:
     seconds: float
     images_per_second: float
     losses: dict[str, float]
-    cache_hit_rate: float | None = None
-    cache_bytes: int | None = None
+    cache_hit_rate: float | None = None  # all ranks' hits over all their lookups
+    cache_bytes: int | None = None  # all ranks'
     map50: float | None = None
     dynamic_rcnn: dict[str, float] | None = None
     # Mean unweighted parts of the feature-enhancement term ("l2", "variance") over the
     # epoch's steps; None in frozen epochs and runs without it.
     feature_enhancement: dict[str, float] | None = None
+    # Each rank's own hit rate, in rank order (data-parallel runs only).
+    cache_hit_rate_per_rank: list[float] | None = None
 
 
 @dataclasses.dataclass
@@ -115,6 +117,8 @@ def summary_rows(result: TrainResult) -> list[tuple[str, str]]:
         rows += [
             ("cache storage", cache["storage_dtype"]),
             ("cache hit rate (all frozen epochs)", f"{cache['hit_rate']:.0%}"),
+            *([("  per rank", " / ".join(f"{rate:.0%}" for rate in cache["hit_rate_per_rank"]))]
+              if "hit_rate_per_rank" in cache else []),
             ("cache bytes per image", f"{cache['bytes_per_sample'] / 1024:.0f} KiB"),
             ("cache entries (gpu / cpu / disk)",
              " / ".join(str(cache["entries"][t]) for t in ("gpu", "cpu", "disk"))),
