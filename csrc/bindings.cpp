@@ -4,6 +4,7 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <array>
 #include <cstdint>
 
 #include "assign/assign.h"
@@ -13,6 +14,7 @@
 #include "feature_cache/feature_cache.h"
 #include "mask_to_obb/mask_to_obb.h"
 #include "nms_rotated/nms_rotated.h"
+#include "roi_align_rotated/roi_align_rotated.h"
 
 namespace py = pybind11;
 using dbf_ext::BoxArrayView;
@@ -281,6 +283,86 @@ void bind_mask_to_obb(py::module_& m) {
 #endif
 }
 
+void bind_roi_align_rotated(py::module_& m) {
+  using dbf_ext::RoiAlignRotatedBackwardArgs;
+  using dbf_ext::RoiAlignRotatedForwardArgs;
+  using dbf_ext::RoiAlignRotatedGeometry;
+  py::class_<RoiAlignRotatedGeometry>(m, "RoiAlignRotatedGeometry")
+      .def(py::init<>())
+      .def_readwrite("rois", &RoiAlignRotatedGeometry::rois)
+      .def_readwrite("num_rois", &RoiAlignRotatedGeometry::num_rois)
+      .def_readwrite("batch", &RoiAlignRotatedGeometry::batch)
+      .def_readwrite("channels", &RoiAlignRotatedGeometry::channels)
+      .def_readwrite("height", &RoiAlignRotatedGeometry::height)
+      .def_readwrite("width", &RoiAlignRotatedGeometry::width)
+      .def_readwrite("pooled_height", &RoiAlignRotatedGeometry::pooled_height)
+      .def_readwrite("pooled_width", &RoiAlignRotatedGeometry::pooled_width)
+      .def_readwrite("spatial_scale", &RoiAlignRotatedGeometry::spatial_scale)
+      .def_readwrite("sampling_ratio", &RoiAlignRotatedGeometry::sampling_ratio)
+      .def_readwrite("aligned", &RoiAlignRotatedGeometry::aligned)
+      .def_readwrite("clockwise", &RoiAlignRotatedGeometry::clockwise);
+
+  // strides: the features' (n, c, h, w) strides in elements.
+  auto forward_args = [](const RoiAlignRotatedGeometry& geometry, std::uintptr_t features,
+                         int features_dtype, const std::array<std::int64_t, 4>& strides,
+                         std::uintptr_t output) {
+    return RoiAlignRotatedForwardArgs{
+        geometry,   features,   dbf_ext::dtype_from_code(features_dtype),
+        strides[0], strides[1], strides[2],
+        strides[3], output};
+  };
+  auto backward_args = [](const RoiAlignRotatedGeometry& geometry, int dtype,
+                          std::uintptr_t grad_output, std::uintptr_t grad_features) {
+    return RoiAlignRotatedBackwardArgs{geometry, dbf_ext::dtype_from_code(dtype), grad_output,
+                                       grad_features};
+  };
+  m.def(
+      "roi_align_rotated_forward_cpu",
+      [forward_args](const RoiAlignRotatedGeometry& geometry, std::uintptr_t features,
+                     int features_dtype, const std::array<std::int64_t, 4>& strides,
+                     std::uintptr_t output, int num_threads) {
+        const auto args = forward_args(geometry, features, features_dtype, strides, output);
+        py::gil_scoped_release release;
+        dbf_ext::roi_align_rotated_forward_cpu(args, num_threads);
+      },
+      py::arg("geometry"), py::arg("features"), py::arg("features_dtype"), py::arg("strides"),
+      py::arg("output"), py::arg("num_threads"));
+  m.def(
+      "roi_align_rotated_backward_cpu",
+      [backward_args](const RoiAlignRotatedGeometry& geometry, int dtype,
+                      std::uintptr_t grad_output, std::uintptr_t grad_features, int num_threads) {
+        const auto args = backward_args(geometry, dtype, grad_output, grad_features);
+        py::gil_scoped_release release;
+        dbf_ext::roi_align_rotated_backward_cpu(args, num_threads);
+      },
+      py::arg("geometry"), py::arg("dtype"), py::arg("grad_output"), py::arg("grad_features"),
+      py::arg("num_threads"));
+#if defined(DBF_EXT_WITH_CUDA)
+  m.def(
+      "roi_align_rotated_forward_cuda",
+      [forward_args](const RoiAlignRotatedGeometry& geometry, std::uintptr_t features,
+                     int features_dtype, const std::array<std::int64_t, 4>& strides,
+                     std::uintptr_t output, int device, std::uintptr_t stream) {
+        const auto args = forward_args(geometry, features, features_dtype, strides, output);
+        py::gil_scoped_release release;
+        dbf_ext::roi_align_rotated_forward_cuda(args, device, stream);
+      },
+      py::arg("geometry"), py::arg("features"), py::arg("features_dtype"), py::arg("strides"),
+      py::arg("output"), py::arg("device"), py::arg("stream"));
+  m.def(
+      "roi_align_rotated_backward_cuda",
+      [backward_args](const RoiAlignRotatedGeometry& geometry, int dtype,
+                      std::uintptr_t grad_output, std::uintptr_t grad_features, bool deterministic,
+                      int device, std::uintptr_t stream) {
+        const auto args = backward_args(geometry, dtype, grad_output, grad_features);
+        py::gil_scoped_release release;
+        dbf_ext::roi_align_rotated_backward_cuda(args, deterministic, device, stream);
+      },
+      py::arg("geometry"), py::arg("dtype"), py::arg("grad_output"), py::arg("grad_features"),
+      py::arg("deterministic"), py::arg("device"), py::arg("stream"));
+#endif
+}
+
 }  // namespace
 
 // The codes and sizes that Python must agree with, exported from their single definitions.
@@ -312,4 +394,5 @@ PYBIND11_MODULE(_C, m) {
   bind_nms_rotated(m);
   bind_feature_cache(m);
   bind_mask_to_obb(m);
+  bind_roi_align_rotated(m);
 }

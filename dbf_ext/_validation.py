@@ -76,6 +76,24 @@ def check_iou_threshold(name: str, value: object) -> float:
     return value
 
 
+def check_positive_number(name: str, value: object) -> float:
+    """A finite real number ``> 0`` as a float."""
+    value = check_finite_number(name, value)
+    if value <= 0:
+        raise ValueError(f"{name} must be > 0, got {value}")
+    return value
+
+
+def check_size_pair(name: str, value: object) -> tuple[int, int]:
+    """``(height, width)`` from an int ``n >= 1`` (meaning ``(n, n)``) or a pair of them."""
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{name} must be an int or a (height, width) pair, got {value!r}")
+        return as_integer(f"{name}[0]", value[0], 1), as_integer(f"{name}[1]", value[1], 1)
+    side = as_integer(name, value, 1)
+    return side, side
+
+
 def check_choice(name: str, value: object, choices) -> None:
     """``value`` is one of ``choices`` (named as given in the message)."""
     if value not in choices:
@@ -102,6 +120,30 @@ def check_rotated_boxes(name: str, boxes: object) -> torch.Tensor:
         )
     check_float_dtype(name, boxes)
     return boxes
+
+
+def check_rotated_rois(name: str, rois: object) -> torch.Tensor:
+    """Checks a ``(K, 6)`` floating tensor of rotated RoIs ``(batch_index, cx, cy, w, h, theta)``
+    (shape and dtype only; the values are the operator's to check)."""
+    rois = check_tensor(name, rois)
+    if rois.dim() != 2 or rois.shape[1] != 6:
+        raise ValueError(
+            f"{name} must have shape (K, 6) = (batch_index, cx, cy, w, h, theta), got "
+            f"{tuple(rois.shape)}"
+            + (" (per-image (K_i, 5) boxes go to MultiScaleRoIAlignRotated, or prepend the "
+               "batch index)" if rois.dim() == 2 and rois.shape[1] == 5 else "")
+        )
+    check_float_dtype(name, rois)
+    return rois
+
+
+def check_feature_map(name: str, features: object) -> torch.Tensor:
+    """Checks a ``(B, C, H, W)`` floating tensor."""
+    features = check_tensor(name, features)
+    if features.dim() != 4:
+        raise ValueError(f"{name} must have shape (B, C, H, W), got {tuple(features.shape)}")
+    check_float_dtype(name, features)
+    return features
 
 
 def check_horizontal_boxes(name: str, boxes: object) -> torch.Tensor:

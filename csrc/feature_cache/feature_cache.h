@@ -11,6 +11,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/element_formats.h"
 #include "common/float_codecs.h"
 #include "common/macros.h"
 #include "common/types.h"
@@ -41,53 +42,6 @@ void unpack_features_cpu(const FeatureCacheArgs& args, int num_threads);
 void pack_features_cuda(const FeatureCacheArgs& args, int device, std::uintptr_t stream);
 void unpack_features_cuda(const FeatureCacheArgs& args, int device, std::uintptr_t stream);
 #endif
-
-// The element formats, each with its bit type and exact float32 conversions; `scaled` formats
-// store values divided by a per-channel scale.
-namespace formats {
-struct Float32 {
-  static constexpr bool scaled = false;
-  using bits = float;
-  static DBF_HOST_DEVICE float decode(float v) { return v; }
-  static DBF_HOST_DEVICE float encode(float f) { return f; }
-};
-struct BFloat16 {
-  static constexpr bool scaled = false;
-  using bits = std::uint16_t;
-  static DBF_HOST_DEVICE float decode(bits v) { return codecs::bfloat16_to_float(v); }
-  static DBF_HOST_DEVICE bits encode(float f) { return codecs::float_to_bfloat16(f); }
-};
-struct Float16 {
-  static constexpr bool scaled = false;
-  using bits = std::uint16_t;
-  static DBF_HOST_DEVICE float decode(bits v) { return codecs::half_to_float(v); }
-  static DBF_HOST_DEVICE bits encode(float f) { return codecs::float_to_half(f); }
-};
-struct Float8E4M3 {
-  static constexpr bool scaled = true;
-  using bits = std::uint8_t;
-  static DBF_HOST_DEVICE float decode(bits v) { return codecs::float8_e4m3_to_float(v); }
-  static DBF_HOST_DEVICE bits encode(float f) { return codecs::float_to_float8_e4m3(f); }
-};
-
-template <typename F>
-auto dispatch(DType dtype, F&& fn) {
-  switch (dtype) {
-    case DType::Float32:
-      return fn(Float32{});
-    case DType::BFloat16:
-      return fn(BFloat16{});
-    case DType::Float16:
-      return fn(Float16{});
-    case DType::Float8E4M3:
-      return fn(Float8E4M3{});
-    default:
-      break;
-  }
-  throw std::invalid_argument("dbf_ext feature cache: unsupported dtype");
-}
-
-}  // namespace formats
 
 // The scale of a float8 channel whose largest magnitude is `amax`: maps amax to 448, the
 // largest finite float8 e4m3 value. Non-finite or zero amax keeps scale 1 (zeros stay zeros,

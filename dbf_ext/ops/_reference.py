@@ -157,3 +157,104 @@ def mask_to_obb_reference(masks: Tensor, version: str = "le90") -> Tensor:
         if len(corners):
             boxes[i] = poly2obb(corners.reshape(1, -1), version)[0]
     return boxes
+
+
+def roi_align_rotated_reference(
+    features: Tensor,
+    rois: Tensor,
+    output_size: int | tuple[int, int],
+    spatial_scale: float,
+    sampling_ratio: int = 0,
+    aligned: bool = True,
+    clockwise: bool = True,
+    chunk_elements: int = 1 << 24,
+) -> Tensor:
+    """Rotated RoI Align (mmcv's ``RoIAlignRotated``) in plain torch, differentiable w.r.t.
+    ``features`` through autograd: every sample point is placed explicitly in the RoI's frame,
+    rotated into the map and interpolated bilinearly.
+
+    Same arguments and result as :func:`dbf_ext.ops.roi_align_rotated` (RoIs assumed valid);
+    float64 is computed in float64, the other dtypes in float32. RoIs are processed in chunks
+    whose gathered values stay under ``chunk_elements``.
+    """
+    pooled_h, pooled_w = (output_size, output_size) if isinstance(output_size, int) else output_size
+    compute = torch.float64 if features.dtype == torch.float64 else torch.float32
+    maps = features.to(compute)
+    rois = rois.to(compute)
+    channels = maps.shape[1]
+    centre = rois[:, 1:3] * spatial_scale - (0.5 if aligned else 0.0)
+    sides = rois[:, 3:5] * spatial_scale
+    if not aligned:
+        sides = sides.clamp(min=1.0)
+    theta = rois[:, 5] if clockwise else -rois[:, 5]
+    pooled = torch.tensor([pooled_w, pooled_h], dtype=compute, device=rois.device)
+    if sampling_ratio > 0:
+        grids = torch.full_like(sides, sampling_ratio, dtype=torch.int64)
+    else:  # ceil of the bin side in map pixels, none for an empty RoI
+        grids = torch.ceil(sides / pooled).clamp(min=0).long()
+    largest = int(grids.max()) if rois.shape[0] else 0
+    per_roi = max(1, pooled_h * pooled_w * largest * largest * channels * 4)
+    chunk = max(1, chunk_elements // per_roi)
+    parts = [
+        _roi_align_rotated_chunk(
+            maps, rois[i:i + chunk, 0].long(), centre[i:i + chunk], sides[i:i + chunk],
+            theta[i:i + chunk], grids[i:i + chunk], (pooled_h, pooled_w),
+        )
+        for i in range(0, rois.shape[0], chunk)
+    ]
+    if not parts:
+        return features.new_zeros((0, channels, pooled_h, pooled_w))
+    return torch.cat(parts).to(features.dtype)
+
+
+def _roi_align_rotated_chunk(maps, batch, centre, sides, theta, grids, pooled_size) -> Tensor:
+    """``(n, C, oh, ow)`` bins of n RoIs: centre and sides ``(n, 2)`` (x, y) in map pixels,
+    grids ``(n, 2)`` samples per bin along (x, y)."""
+    pooled_h, pooled_w = pooled_size
+    device, dtype = maps.device, maps.dtype
+    n = batch.shape[0]
+    gx_max, gy_max = (int(v) for v in grids.max(0).values)
+    # Sample positions along each RoI axis, from the RoI's top-left corner in bins: bin index
+    # plus (i + 0.5) / g; then scaled to pixels and centred. Shapes (n, bins, samples).
+    def axis(bins: int, g_max: int, grid: Tensor, side: Tensor) -> tuple[Tensor, Tensor]:
+        i = torch.arange(g_max, device=device, dtype=dtype)
+        in_bins = torch.arange(bins, device=device, dtype=dtype)[None, :, None] + (
+            (i[None, None, :] + 0.5) / grid.to(dtype).clamp(min=1)[:, None, None]
+        )
+        used = i[None, :] < grid[:, None]  # (n, samples): samples beyond the RoI's own grid
+        return in_bins * (side / bins)[:, None, None] - side[:, None, None] / 2, used
+
+    xx, used_x = axis(pooled_w, gx_max, grids[:, 0], sides[:, 0])  # (n, ow, gx)
+    yy, used_y = axis(pooled_h, gy_max, grids[:, 1], sides[:, 1])  # (n, oh, gy)
+    xx = xx[:, None, :, None, :]  # (n, 1, ow, 1, gx)
+    yy = yy[:, :, None, :, None]  # (n, oh, 1, gy, 1)
+    cos = torch.cos(theta).view(n, 1, 1, 1, 1)
+    sin = torch.sin(theta).view(n, 1, 1, 1, 1)
+    x = centre[:, 0].view(n, 1, 1, 1, 1) + xx * cos - yy * sin  # (n, oh, ow, gy, gx)
+    y = centre[:, 1].view(n, 1, 1, 1, 1) + xx * sin + yy * cos
+    values = _bilinear_samples(maps, batch.view(n, 1, 1, 1, 1), x, y)  # (n, oh, ow, gy, gx, C)
+    used = (used_y[:, None, None, :, None] & used_x[:, None, None, None, :])[..., None]
+    count = (grids[:, 0] * grids[:, 1]).clamp(min=1).to(dtype).view(n, 1, 1, 1)
+    sums = torch.where(used, values, torch.zeros_like(values)).sum(dim=(3, 4))  # (n, oh, ow, C)
+    return (sums / count).permute(0, 3, 1, 2)
+
+
+def _bilinear_samples(maps: Tensor, batch: Tensor, x: Tensor, y: Tensor) -> Tensor:
+    """Bilinear values of ``maps`` (B, C, H, W) at points (x, y) of image ``batch``, as
+    torchvision's roi_align reads them: 0 outside [-1, H] x [-1, W], otherwise the point is
+    clamped into [0, H - 1] x [0, W - 1]. Returns the points' shape + (C,)."""
+    height, width = maps.shape[2:]
+    inside = (y >= -1) & (y <= height) & (x >= -1) & (x <= width)
+    y = y.clamp(0, height - 1)
+    x = x.clamp(0, width - 1)
+    y0, x0 = y.floor(), x.floor()
+    ly, lx = (y - y0)[..., None], (x - x0)[..., None]
+    y0, x0 = y0.long(), x0.long()
+    y1, x1 = (y0 + 1).clamp(max=height - 1), (x0 + 1).clamp(max=width - 1)
+
+    def at(yi: Tensor, xi: Tensor) -> Tensor:
+        return maps[batch, :, yi, xi]  # advanced indices first: points' shape + (C,)
+
+    value = ((1 - ly) * (1 - lx) * at(y0, x0) + (1 - ly) * lx * at(y0, x1)
+             + ly * (1 - lx) * at(y1, x0) + ly * lx * at(y1, x1))
+    return torch.where(inside[..., None], value, torch.zeros_like(value))
