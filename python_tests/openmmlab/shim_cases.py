@@ -247,6 +247,19 @@ def test_batched_nms_rotated_published_values():
     assert keep.tolist() == [3, 1, 0]
 
 
+def test_nms_rotated_equals_dbf_ext_with_and_without_labels():
+    generator = torch.Generator().manual_seed(17)
+    boxes = torch.cat([torch.rand(200, 2, generator=generator) * 100,
+                       torch.rand(200, 2, generator=generator) * 25 + 2,
+                       torch.rand(200, 1, generator=generator) * 6 - 3], 1)
+    scores = torch.rand(200, generator=generator)
+    labels = torch.randint(0, 4, (200,), generator=generator)
+    _, keep = mmcv.ops.nms_rotated(boxes, scores, 0.2)
+    assert torch.equal(keep, dbf_ext.ops.nms_rotated(boxes, scores, 0.2))
+    _, keep = mmcv.ops.nms_rotated(boxes, scores, 0.2, labels)
+    assert torch.equal(keep, dbf_ext.ops.batched_nms_rotated(boxes, scores, labels, 0.2))
+
+
 def test_nms_rotated_with_labels_keeps_boxes_of_other_classes():
     # mmcv's kernels ignore the labels (one of two identical boxes survives); the shim does not
     boxes = torch.tensor([[10.0, 10.0, 8.0, 4.0, 0.3], [10.0, 10.0, 8.0, 4.0, 0.3]])
