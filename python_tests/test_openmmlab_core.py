@@ -124,6 +124,17 @@ def test_unkeyable_pipeline_warns_once_and_caches_nothing():
     assert core.backbone_path == "backbone" and model.backbone.frozen  # still frozen on schedule
 
 
+def test_transforms_of_wrapped_datasets_are_checked():
+    core = DBFHookCore(dict(type="AlwaysFrozen"), cache=dict(storage_dtype="float32"))
+    core.attach(_Detector())
+    inner = _pipeline(*_STANDARD)
+    mosaic = type("MultiImageMixDataset", (), {  # mmdet 2.x keeps a plain list of transforms
+        "pipeline": [type("Mosaic", (_Transform,), {})()], "dataset": inner})()
+    concat = type("ConcatDataset", (), {"datasets": [inner, mosaic]})()
+    with pytest.warns(UserWarning, match=r"\(Mosaic\)"):
+        core.check_pipeline(concat)
+
+
 def test_declared_keyable_transform_is_accepted():
     core = DBFHookCore(dict(type="AlwaysFrozen"), cache=dict(storage_dtype="float32"),
                        keyable_transforms=["MyDeterministicCrop"])

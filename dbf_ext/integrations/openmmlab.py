@@ -123,7 +123,8 @@ def _transform_names(dataset: Any) -> list[str] | None:
             continue
         seen.add(id(current))
         pipeline = getattr(current, "pipeline", None)
-        transforms = getattr(pipeline, "transforms", None)
+        # a Compose, or (mmdet 2.x's MultiImageMixDataset) a plain list of transforms
+        transforms = pipeline if isinstance(pipeline, (list, tuple)) else getattr(pipeline, "transforms", None)
         if transforms is not None:
             found = True
             names.extend(type(t).__name__ if not isinstance(t, Mapping) else str(t.get("type"))
