@@ -57,9 +57,11 @@ def test_openmmlab_stack(stack):
     # The case files import their helpers (mm_reference) from their own folder.
     environment["PYTHONPATH"] = os.pathsep.join(
         filter(None, [str(CASES), environment.get("PYTHONPATH", "")]))
+    # -P and a working folder without a dbf_ext/ in it: the installed dbf_ext is imported, not
+    # the source tree of a checkout (which has no compiled module when pip built it elsewhere).
     result = subprocess.run(
-        [str(python), "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files],
-        capture_output=True, text=True, cwd=HERE.parent, env=environment, timeout=1800)
+        [str(python), "-P", "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", *files],
+        capture_output=True, text=True, cwd=CASES, env=environment, timeout=1800)
     output = result.stdout + result.stderr
     assert result.returncode == 0, f"{stack} cases failed:\n{output[-20000:]}"
     summary = [line for line in output.splitlines() if line.startswith("SKIPPED")]
