@@ -62,7 +62,7 @@ sanitize memcheck 75 "cuda and not train_cli"
 sanitize racecheck 75 "cuda and (test_cuda_matches_cpu or chunked or batched_equals_per_image or pairwise_matches_shapely)"
 
 for suite in "box_iou_rotated -k test_gpu" "nms_rotated -k cuda" "assign -k test_gpu" "feature_cache" \
-  "mask_to_obb -k test_gpu" "roi_align_rotated -k cuda" "distributed -k GPU"; do
+  "mask_to_obb -k test_gpu" "roi_align_rotated -k cuda" "distributed -k GPU" "oriented_rcnn_step -k cuda"; do
   set -- $suite
   name=$1; shift
   timeout "$(stage_limit 60)" python3 -P -m pytest "bench/bench_$name.py" --benchmark-only -q \

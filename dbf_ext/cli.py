@@ -49,7 +49,7 @@ def _cmd_info(args: argparse.Namespace) -> int:
     return 0
 
 
-def _print_summary(result, console) -> None:
+def _print_summary(result, console, extra_rows=()) -> None:
     from rich.table import Table
 
     from dbf_ext.train import summary_rows
@@ -57,7 +57,7 @@ def _print_summary(result, console) -> None:
     table = Table(title="dbf_ext training summary", show_header=False)
     table.add_column("quantity")
     table.add_column("value", justify="right")
-    for name, value in summary_rows(result):
+    for name, value in [*summary_rows(result), *extra_rows]:
         table.add_row(name, value)
     console.print(table)
 
@@ -78,27 +78,23 @@ def _run_training(config, plot: str | None) -> int:
 
 
 def _cmd_demo(args: argparse.Namespace) -> int:
-    from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
-    from dbf_ext.train import TrainConfig
+    from rich.console import Console
+
+    from dbf_ext.train import output_console
+    from dbf_ext.train.demo import run_demo
     from dbf_ext.train.distributed import is_main_process
 
-    # Under torchrun every rank prepares the set (a lost race is harmless); rank 0 reports.
-    say = print if is_main_process() else (lambda *_: None)
-    root = prepare_synthetic_dota(SyntheticConfig(), quiet=not is_main_process())
-    say(f"synthetic aerial set: {root} (48 train / 16 val tiles, 4 classes)")
-    config = TrainConfig(
-        data=str(root),
-        output_dir=args.output,
-        epochs=args.epochs,
-        schedule="step-interval",
-        unfrozen_epochs=tuple(range(args.unfrozen)),
-        cache="bfloat16:cpu=1GB",
-        eval_every=4,
-        device=args.device,
-    )
-    say(f"training Faster R-CNN ({config.model}) for {config.epochs} epochs: backbone trained in "
-        f"epochs 0-{args.unfrozen - 1}, frozen after (DBF), features cached in bfloat16")
-    return _run_training(config, args.plot or str(Path(args.output) / "demo.png"))
+    # Under torchrun every rank runs the demo (and prepares the set: a lost race is harmless);
+    # rank 0 reports.
+    console = output_console() if is_main_process() else Console(quiet=True)
+    result, comparison, plot = run_demo(args.output, console, epochs=args.epochs,
+                                        unfrozen_epochs=_epoch_list(args.unfrozen_epochs),
+                                        device=args.device, compare=args.compare, plot=args.plot)
+    _print_summary(result, console, comparison)
+    if not comparison:
+        console.print("(no full fine-tuning figures for these settings: --compare measures them)")
+    console.print(f"plot written to {plot}")
+    return 0
 
 
 def _cmd_train(args: argparse.Namespace) -> int:
@@ -121,6 +117,7 @@ def _cmd_train(args: argparse.Namespace) -> int:
         cache=args.cache,
         cache_dir=args.cache_dir,
         hflip=args.hflip,
+        vflip=args.vflip,
         dynamic_rcnn=args.dynamic_rcnn,
         amp=not args.no_amp,
         device=args.device,
@@ -146,8 +143,8 @@ def _cmd_train(args: argparse.Namespace) -> int:
 def _cmd_eval(args: argparse.Namespace) -> int:
     if args.detections:
         return _eval_detections(args)
-    from dbf_ext.data import DotaDetectionDataset
-    from dbf_ext.train import evaluate, init_distributed, load_detector, resolve_device
+    from dbf_ext.inference import model_box_type
+    from dbf_ext.train import evaluate, init_distributed, load_dataset, load_detector, resolve_device
 
     if not _windows_given(args):
         context = init_distributed(args.device)  # started by torchrun: the ranks share the images
@@ -155,7 +152,7 @@ def _cmd_eval(args: argparse.Namespace) -> int:
             model, classes, config = load_detector(args.checkpoint, context.device)
             # The classes the model was trained for, in its label order: the training folder may
             # have moved or changed since.
-            dataset = DotaDetectionDataset(args.data or config["data"], args.split, classes=classes)
+            dataset = load_dataset(args.data or config["data"], args.split, classes, model_box_type(model))
             mean_ap, per_class = evaluate(model, dataset, context.device, iou_thr=args.iou_thr, context=context)
         finally:
             context.close()
@@ -165,10 +162,9 @@ def _cmd_eval(args: argparse.Namespace) -> int:
     device = resolve_device(args.device)
     model, classes, config = load_detector(args.checkpoint, device)
     from dbf_ext.evaluation import evaluate_detections
-    from dbf_ext.inference import model_box_type, predict_images
+    from dbf_ext.inference import predict_images
 
-    dataset = DotaDetectionDataset(args.data or config["data"], args.split, classes=classes,
-                                   box_type=model_box_type(model))
+    dataset = load_dataset(args.data or config["data"], args.split, classes, model_box_type(model))
     images = {image_id: dataset.image_path(i) for i, image_id in enumerate(dataset.image_ids)}
     with _progress() as progress:
         predictions = {image_id: result for image_id, _, result in predict_images(
@@ -216,7 +212,8 @@ def _eval_detections(args: argparse.Namespace) -> int:
 
 
 def _print_map(args, dataset, mean_ap: float, per_class: dict[str, float], how: str = "") -> None:
-    print(f"mAP@{args.iou_thr} (VOC07) on {len(dataset)} images of '{args.split}'{' ' + how if how else ''}: "
+    name = "rotated mAP" if dataset.box_type == "obb" else "mAP"
+    print(f"{name}@{args.iou_thr} (VOC07) on {len(dataset)} images of '{args.split}'{' ' + how if how else ''}: "
           f"{mean_ap:.4f}")
     for name, ap in per_class.items():
         print(f"  {name:24s} {ap:.4f}")
@@ -383,12 +380,19 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print machine-readable JSON")
     info.set_defaults(handler=_cmd_info)
 
+    from dbf_ext.train.demo import DEMO_EPOCHS, DEMO_UNFROZEN_EPOCHS
+
     demo = commands.add_parser(
-        "demo", help="train on the embedded synthetic aerial set with DBF + feature cache")
-    demo.add_argument("--epochs", type=int, default=16, help="epochs to train (default 16)")
-    demo.add_argument("--unfrozen", type=int, default=6,
-                      help="the backbone trains in the first N epochs, frozen after (default 6)")
-    demo.add_argument("--output", default="dbf_ext_demo", help="run folder (log, checkpoint, plot)")
+        "demo", help="train an oriented detector on the embedded synthetic aerial set from a pretrained "
+                     "trunk, with DBF + feature cache, and compare with full fine-tuning")
+    demo.add_argument("--epochs", type=int, default=DEMO_EPOCHS, help="epochs to train (default %(default)s)")
+    demo.add_argument("--unfrozen-epochs", default=",".join(map(str, DEMO_UNFROZEN_EPOCHS)),
+                      help="epochs in which the backbone trains, frozen in the others (default %(default)s)")
+    demo.add_argument("--compare", action="store_true",
+                      help="also train the full fine-tuning baseline (backbone trained in every epoch, no "
+                           "cache) and compare with it, instead of with the figures measured once")
+    demo.add_argument("--output", default="dbf_ext_demo",
+                      help="run folder (log, checkpoint, plot; a previous demo run there is replaced)")
     demo.add_argument("--plot", help="plot path (default: OUTPUT/demo.png)")
     demo.add_argument("--device", default="auto", help=_DEVICE_HELP)
     demo.set_defaults(handler=_cmd_demo)
@@ -436,6 +440,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--cache-dir", help="folder of the disk tier (default OUTPUT/feature_cache)")
     tr.add_argument("--hflip", type=float, default=defaults.hflip,
                     help="probability of a horizontal flip per sample and epoch (default %(default)s)")
+    tr.add_argument("--vflip", type=float, default=defaults.vflip,
+                    help="probability of a vertical flip per sample and epoch, drawn independently of "
+                         "--hflip: both is the diagonal flip (--hflip 0.5 --vflip 0.5: none, horizontal, "
+                         "vertical and diagonal a quarter each, as mmrotate's DOTA configs; default "
+                         "%(default)s)")
     tr.add_argument("--dynamic-rcnn", action="store_true", help="Dynamic R-CNN label assignment")
     tr.add_argument("--no-amp", action="store_true", help="no mixed precision on GPU")
     tr.add_argument("--device", default="auto", help=_DEVICE_HELP)

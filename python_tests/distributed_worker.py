@@ -9,7 +9,8 @@ command does not report per rank. With ``--observe DIR`` each rank writes ``DIR/
 (rewritten after every epoch, so a killed run leaves what it had): per epoch the model's
 weights, the rank's own cache counters and entries and the Dynamic R-CNN controller's state;
 every Dynamic R-CNN update (the rank's own statistics before, the values after); the
-detections that evaluation passed to ``eval_map``; the cache summary the run returned.
+detections that evaluation scored (passed to ``evaluate_detections``); the cache summary the run
+returned.
 ``--kill-rank R --kill-at-step N``: rank R kills itself with SIGKILL just before its N-th
 optimizer step (counted from 1 over the run). ``--diverge-rank R``: rank R's freezing schedule
 also trains the backbone in epoch 1. ``--dynamic-interval K``: Dynamic R-CNN updates every K
@@ -88,18 +89,18 @@ def update_observed(self) -> None:
                                         "iou_threshold": self.iou_threshold, "beta": self.beta})
 
 
-def eval_map_observed(detections, *map_args, **map_kwargs):
-    observed["detections"] = [[torch.from_numpy(per_class) for per_class in image] for image in detections]
+def evaluate_detections_observed(predictions, *map_args, **map_kwargs):
+    observed["detections"] = [{key: value.clone() for key, value in p.items()} for p in predictions]
     save_observations()
-    return eval_map(detections, *map_args, **map_kwargs)
+    return evaluate_detections(predictions, *map_args, **map_kwargs)
 
 
-build_detector, train, update, eval_map = engine.build_detector, dbf_ext.train.train, \
-    DynamicRCNNController.update, engine.eval_map
+build_detector, train, update, evaluate_detections = engine.build_detector, dbf_ext.train.train, \
+    DynamicRCNNController.update, engine.evaluate_detections
 engine.build_detector = build_and_keep
 dbf_ext.train.train = train_observed  # what the command line calls
 DynamicRCNNController.update = update_observed
-engine.eval_map = eval_map_observed
+engine.evaluate_detections = evaluate_detections_observed
 
 if args.dynamic_interval:
     controller_init = DynamicRCNNController.__init__

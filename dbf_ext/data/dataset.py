@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import copy
 import struct
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -66,20 +67,36 @@ class DotaDetectionDataset(Dataset):
     ):
         box_dim(box_type)  # validates box_type before reading anything
         self.split = split
-        self.box_type = box_type
         self.transforms = transforms
+        self.angle_version = angle_version
         self.folder = DotaFolder(Path(root) / split if split else Path(root), classes, errors=errors)
         self.classes: tuple[str, ...] = self.folder.classes
         self.image_ids: tuple[str, ...] = self.folder.image_ids
         class_index = {name: i for i, name in enumerate(self.classes)}
         labels = [self.folder.labels(image_id) for image_id in self.image_ids]
-        polygons = np.concatenate([lab.polygons for lab in labels]) if labels else np.zeros((0, 8))
-        # One batched conversion for the whole split, then split per image.
-        all_boxes = polygons_to_obb(polygons, angle_version) if box_type == "obb" else polygons_to_hbb(polygons)
-        bounds = np.cumsum([0] + [len(lab) for lab in labels])
-        self._boxes = [all_boxes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
         self._class_indices = [np.array([class_index[n] for n in lab.class_names], dtype=np.int64) for lab in labels]
         self._difficult = [lab.difficult for lab in labels]
+        self._convert_boxes(box_type)
+
+    def _convert_boxes(self, box_type: str) -> None:
+        labels = [self.folder.labels(image_id) for image_id in self.image_ids]
+        polygons = np.concatenate([lab.polygons for lab in labels]) if labels else np.zeros((0, 8))
+        # One batched conversion for the whole split, then split per image.
+        all_boxes = (polygons_to_obb(polygons, self.angle_version) if box_type == "obb"
+                     else polygons_to_hbb(polygons))
+        bounds = np.cumsum([0] + [len(lab) for lab in labels])
+        self.box_type = box_type
+        self._boxes = [all_boxes[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
+
+    def with_box_type(self, box_type: str) -> DotaDetectionDataset:
+        """This dataset with its polygons converted to ``box_type`` boxes (``"hbb"`` or
+        ``"obb"``, in this dataset's ``angle_version``); the label files are not read again."""
+        box_dim(box_type)
+        if box_type == self.box_type:
+            return self
+        converted = copy.copy(self)
+        converted._convert_boxes(box_type)
+        return converted
 
     @property
     def num_classes(self) -> int:

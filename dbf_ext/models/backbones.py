@@ -15,6 +15,7 @@ from collections import OrderedDict
 from torch import Tensor, nn
 from torchvision import models
 from torchvision.models.detection.backbone_utils import BackboneWithFPN, resnet_fpn_backbone
+from torchvision.models.resnet import BasicBlock, ResNet
 from torchvision.models.swin_transformer import SwinTransformer
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool
@@ -99,6 +100,15 @@ def tiny_fpn_backbone() -> BackboneWithFPN:
     """:func:`tiny_trunk` with a 64-channel FPN: levels ``"0"`` (stride 8), ``"1"`` (16) and
     ``"pool"`` (32)."""
     return BackboneWithFPN(tiny_trunk(), {"layer1": "0", "layer2": "1"}, [64, 96], 64)
+
+
+def resnet10_lite_fpn_backbone() -> BackboneWithFPN:
+    """A ResNet-10 trunk (torchvision's ``ResNet(BasicBlock, [1, 1, 1, 1])``: one basic block per
+    stage; stages 1-3 used, 1.2 M parameters) with a 64-channel FPN: levels ``"0"`` (stride 4),
+    ``"1"`` (8), ``"2"`` (16) and ``"pool"`` (32). Fine strides for small objects on small tiles,
+    and a trunk that is most of a training step on a CPU (the demo's: freezing it shows)."""
+    trunk = ResNet(BasicBlock, [1, 1, 1, 1], norm_layer=nn.BatchNorm2d)
+    return BackboneWithFPN(trunk, {"layer1": "0", "layer2": "1", "layer3": "2"}, [64, 128, 256], 64)
 
 
 def resnet18_lite_fpn_backbone() -> BackboneWithFPN:

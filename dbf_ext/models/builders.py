@@ -24,6 +24,7 @@ from torchvision.models.detection.faster_rcnn import FastRCNNPredictor, TwoMLPHe
 from torchvision.ops import MultiScaleRoIAlign
 
 from dbf_ext.models.backbones import (
+    resnet10_lite_fpn_backbone,
     resnet18_lite_fpn_backbone,
     resnet50_fpn_backbone,
     swin_fpn_backbone,
@@ -34,8 +35,8 @@ from dbf_ext.models.rotated_roi_heads import RotatedBoxPredictor
 from dbf_ext.ops import MultiScaleRoIAlignRotated
 
 FASTER_RCNN_MODELS = ("tiny-fpn", "resnet18-fpn-lite", "resnet50-fpn", "swin-t-fpn", "swin-v2-t-fpn")
-ORIENTED_RCNN_MODELS = ("oriented-rcnn-tiny-fpn", "oriented-rcnn-resnet18-fpn-lite", "oriented-rcnn-r50-fpn",
-                        "oriented-rcnn-swin-t-fpn")
+ORIENTED_RCNN_MODELS = ("oriented-rcnn-tiny-fpn", "oriented-rcnn-resnet10-fpn-lite", "oriented-rcnn-resnet18-fpn-lite",
+                        "oriented-rcnn-r50-fpn", "oriented-rcnn-swin-t-fpn")
 MODELS = FASTER_RCNN_MODELS + ORIENTED_RCNN_MODELS
 
 # The backbone of each detector.
@@ -46,13 +47,15 @@ _BACKBONES = {
     "swin-t-fpn": lambda: swin_fpn_backbone("swin-t"),
     "swin-v2-t-fpn": lambda: swin_fpn_backbone("swin-v2-t"),
     "oriented-rcnn-tiny-fpn": tiny_fpn_backbone,
+    "oriented-rcnn-resnet10-fpn-lite": resnet10_lite_fpn_backbone,
     "oriented-rcnn-resnet18-fpn-lite": resnet18_lite_fpn_backbone,
     "oriented-rcnn-r50-fpn": resnet50_fpn_backbone,
     "oriented-rcnn-swin-t-fpn": lambda: swin_fpn_backbone("swin-t"),
 }
 
 # The torchvision classification model whose trunk each detector uses, and its ImageNet weights
-# (what --pretrained loads from the local torch hub cache). The tiny trunk has no such model.
+# (what --pretrained loads from the local torch hub cache). The tiny and ResNet-10 trunks have
+# none (torchvision publishes no ResNet-10 weights).
 _CLASSIFIERS = {
     "resnet18-fpn-lite": models.ResNet18_Weights.IMAGENET1K_V1,
     "resnet50-fpn": models.ResNet50_Weights.IMAGENET1K_V1,
@@ -68,6 +71,7 @@ _CLASSIFIERS = {
 # and sampled RoIs than the standard configurations (small tiles, few objects).
 _LIGHT_LAYOUTS = {
     tiny_fpn_backbone: (((16,), (32,), (64,)), ["0", "1"]),
+    resnet10_lite_fpn_backbone: (((16,), (32,), (64,), (128,)), ["0", "1", "2"]),
     resnet18_lite_fpn_backbone: (((16,), (32,), (64,), (128,)), ["0", "1", "2"]),
 }
 _LIGHT_REPRESENTATION = 256
@@ -112,7 +116,12 @@ def build_detector(name: str, num_classes: int, image_size: int, **options) -> F
               R-CNN on the tiny / ResNet-18 lite backbones with the light settings of
               ``tiny-fpn`` / ``resnet18-fpn-lite`` (anchors from 16 px, 256-d box head,
               600 / 300 proposals per level / image in training, 300 / 150 in evaluation, 128
-              sampled RoIs): they train on 256 px tiles on a CPU in minutes.
+              sampled RoIs): they train on 256 px tiles on a CPU in minutes;
+            * ``"oriented-rcnn-resnet10-fpn-lite"`` — the demo's (``dbf-ext demo``): the same
+              light settings on a ResNet-10 trunk to stride 16
+              (:func:`~dbf_ext.models.backbones.resnet10_lite_fpn_backbone`, FPN levels at
+              strides 4-32, RoIs pooled at 4-16), whose trunk is most of a CPU training step;
+              ``dbf_ext/models/weights/demo_trunk_synthetic.pt`` holds pretrained trunk weights.
 
         num_classes: object classes, background excluded.
         image_size: images are resized so their sides are at most this (tiles are square).
@@ -164,12 +173,14 @@ def pretrained_weights_path(name: str) -> Path:
     """Where torchvision keeps the ImageNet weights of detector ``name``'s trunk in the local
     torch hub cache (``torch.hub.get_dir()/checkpoints``); nothing is downloaded.
 
-    Raises ``ValueError`` for a detector without a torchvision classifier (``tiny-fpn``) and
+    Raises ``ValueError`` naming ``--backbone-weights`` for a detector without torchvision
+    weights (``tiny-fpn``, the ResNet-10 ones) and
     ``FileNotFoundError`` when the file is not there.
     """
     if name not in _CLASSIFIERS:
-        raise ValueError(f"--pretrained: model {name} has no ImageNet weights (models with them: "
-                         f"{', '.join(_CLASSIFIERS)})")
+        raise ValueError(f"--pretrained: torchvision has no ImageNet weights for the trunk of {name}; "
+                         f"give a state dict of it with --backbone-weights PATH instead (models with "
+                         f"torchvision weights: {', '.join(_CLASSIFIERS)})")
     weights = _CLASSIFIERS[name]
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not path.is_file():

@@ -8,7 +8,6 @@ features and the data loader can skip decoding it (:mod:`dbf_ext.cache.data`).
 
 from __future__ import annotations
 
-import math
 import random
 from collections.abc import Hashable
 from typing import Any
@@ -16,17 +15,26 @@ from typing import Any
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from dbf_ext.boxes import regularize_obb
 from dbf_ext.data import DotaDetectionDataset
 
 Target = dict[str, Any]
 
 
-def flip_boxes(boxes: Tensor, box_type: str, width: int, height: int, hflip: bool, vflip: bool) -> Tensor:
+def flip_boxes(boxes: Tensor, box_type: str, width: int, height: int, hflip: bool, vflip: bool,
+               angle_version: str = "le90") -> Tensor:
     """Boxes of an image flipped horizontally and/or vertically (``(K, 4)`` hbb or ``(K, 5)`` obb).
+
+    Both flips together are the diagonal flip, a half turn about the image centre (mmrotate's
+    ``RRandomFlip`` direction ``"diagonal"``). Coordinates are continuous, pixel ``i`` covering
+    ``[i, i + 1)``, so a flip maps ``x`` to ``width - x`` (mmrotate writes ``width - x - 1``,
+    half a pixel off for boxes given in these coordinates, as DOTA's are).
 
     A mirror image of a rotated box has the mirrored centre and the negated angle (its w edge
     direction ``(cos t, sin t)`` becomes ``(-cos t, sin t)`` or ``(cos t, -sin t)``, both of
-    which describe the line of angle ``-t``).
+    which describe the line of angle ``-t``); a half turn keeps the angle. Rotated results are
+    rewritten in the canonical form of ``angle_version`` (the dataset's; ``"le90"``: ``w >= h``,
+    ``theta`` in ``[-pi/2, pi/2)``).
     """
     boxes = boxes.clone()
     if box_type == "hbb":
@@ -40,11 +48,8 @@ def flip_boxes(boxes: Tensor, box_type: str, width: int, height: int, hflip: boo
     if vflip:
         boxes[:, 1] = height - boxes[:, 1]
     if hflip != vflip:
-        # Mirroring once negates the angle; twice (a half turn) keeps it. Wrapped back into
-        # the le90 range [-pi/2, pi/2) the dataset uses.
         boxes[:, 4] = -boxes[:, 4]
-        boxes[:, 4] = (boxes[:, 4] + math.pi / 2) % math.pi - math.pi / 2
-    return boxes
+    return regularize_obb(boxes, angle_version)
 
 
 class KeyedFlipDataset(Dataset):
@@ -54,9 +59,15 @@ class KeyedFlipDataset(Dataset):
     :meth:`set_epoch` (for use without the cache adapter).
 
     Args:
-        base: the dataset.
-        hflip / vflip: probabilities of a horizontal / vertical flip.
+        base: the dataset (axis-aligned or rotated boxes).
+        hflip / vflip: probabilities of a horizontal / vertical flip, drawn independently;
+            both drawn is the diagonal flip. ``hflip = vflip = 0.5`` gives the four outcomes
+            (none, horizontal, vertical, diagonal) a quarter each: the flips of mmrotate's
+            DOTA configurations (``RRandomFlip(flip_ratio=[0.25, 0.25, 0.25],
+            direction=["horizontal", "vertical", "diagonal"])``).
         seed: makes the flip draws reproducible.
+
+    The augmentation key is ``(hflipped, vflipped)``: a sample has up to four cache keys.
     """
 
     def __init__(self, base: DotaDetectionDataset, hflip: float = 0.5, vflip: float = 0.0, seed: int = 0):
@@ -93,7 +104,8 @@ class KeyedFlipDataset(Dataset):
         target = self.base.load_target(index)
         if any(aug_key):
             height, width = self.image_size(index, aug_key)
-            target["boxes"] = flip_boxes(target["boxes"], self.base.box_type, width, height, *aug_key)
+            target["boxes"] = flip_boxes(target["boxes"], self.base.box_type, width, height, *aug_key,
+                                         angle_version=self.base.angle_version)
         return target
 
     def load_sample(self, index: int, aug_key: tuple[bool, bool]) -> tuple[Tensor, Target]:

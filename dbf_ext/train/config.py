@@ -78,6 +78,7 @@ class TrainConfig:
     cache: str = "bfloat16:cpu=4GB"
     cache_dir: str | None = None
     hflip: float = 0.5
+    vflip: float = 0.0  # with hflip: both drawn is the diagonal flip
     dynamic_rcnn: bool = False
     amp: bool = True  # used on GPU only
     device: str = "auto"
@@ -106,6 +107,9 @@ class TrainConfig:
             raise ValueError(f"model must be one of {MODELS}, got {self.model!r}")
         if self.schedule not in SCHEDULES:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        for name in ("hflip", "vflip"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"{name} must be a probability in [0, 1], got {getattr(self, name)}")
         for name in ("epochs", "batch_size", "image_size", "step_epoch"):
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

@@ -1,5 +1,12 @@
-"""The training engine: a torchvision detector with DBF, the feature cache and Dynamic R-CNN, trained and
-evaluated epoch by epoch."""
+"""The training engine: a detector with DBF, the feature cache and Dynamic R-CNN, trained and evaluated
+epoch by epoch.
+
+Detector-agnostic: a model of axis-aligned boxes (torchvision's Faster R-CNN) or of rotated boxes
+(a model with ``box_type = "obb"``, e.g. Oriented R-CNN) is trained and evaluated by the same code.
+The model decides the box type: the DOTA polygons are loaded as enclosing axis-aligned boxes or as
+minimum-area rotated boxes (le90), flips transform them accordingly, and the evaluation is VOC07
+mAP of that box type (rotated IoU for rotated boxes).
+"""
 
 from __future__ import annotations
 
@@ -16,9 +23,10 @@ from rich.console import Console
 from torch.utils.data import DataLoader
 
 from dbf_ext.cache import CacheAwareDataset, CachedBackbone, FeatureCache, cache_aware_collate
-from dbf_ext.data import DotaDetectionDataset
-from dbf_ext.evaluation import eval_map
+from dbf_ext.data import DotaDetectionDataset, collate_fn
+from dbf_ext.evaluation import evaluate_detections
 from dbf_ext.freeze import apply_dbf
+from dbf_ext.inference import model_box_type
 from dbf_ext.regularizers import FeatureEnhancement
 from dbf_ext.train.augment import KeyedFlipDataset
 from dbf_ext.train.checkpoint import (
@@ -44,52 +52,76 @@ from dbf_ext.train.distributed import (
     wrap_model,
 )
 from dbf_ext.train.model import build_detector, load_backbone_weights
-from dbf_ext.train.report import EpochRecord, TrainResult, epoch_line, output_console, progress_bar
+from dbf_ext.train.report import (
+    EpochRecord,
+    TrainResult,
+    ValidationExample,
+    epoch_line,
+    output_console,
+    progress_bar,
+)
 from dbf_ext.train.sampler import CacheAffineSampler
 
 logger = logging.getLogger(__name__)
 
 
-def _load_dataset(config: TrainConfig, split: str, classes=None) -> DotaDetectionDataset:
-    root = Path(config.data)
+def load_dataset(root: str | Path, split: str, classes=None, box_type: str = "hbb",
+                 label_errors: str = "raise") -> DotaDetectionDataset:
+    """The ``split`` folder of the DOTA-format folder ``root`` with ``box_type`` boxes (rotated:
+    minimum-area rectangles of the polygons, le90); a missing or empty split is a one-line error."""
+    root = Path(root)
     if not (root / split).is_dir():
         raise FileNotFoundError(f"{root} has no '{split}' split (expected {root / split}/images and labelTxt)")
-    dataset = DotaDetectionDataset(root, split, classes=classes, box_type="hbb", errors=config.label_errors)
+    dataset = DotaDetectionDataset(root, split, classes=classes, box_type=box_type, errors=label_errors)
     if len(dataset) == 0:
         raise ValueError(f"no images in {root / split / 'images'}")
     return dataset
 
 
 @torch.no_grad()
+def predict(model: torch.nn.Module, dataset: DotaDetectionDataset, device: torch.device,
+            batch_size: int = 8, context: DistributedContext | None = None) -> list[dict[str, torch.Tensor]]:
+    """``model``'s detections of every image of ``dataset``, in order, on the CPU: dicts with
+    ``boxes`` ``(K, 4)`` or ``(K, 5)`` (the model's box type), ``scores`` ``(K,)`` and ``labels``
+    ``(K,)`` (1-based, torchvision's convention). Leaves the model in eval mode.
+
+    With a distributed ``context`` every rank detects on its share of the batches and the
+    detections are gathered: every rank returns what a single process computes.
+    """
+    box_type = model_box_type(model)
+    if box_type != dataset.box_type:
+        raise ValueError(f"the model predicts {box_type} boxes, the dataset holds {dataset.box_type} boxes")
+    context = context or DistributedContext(device=device)
+    model.eval()
+    predictions = []
+    for indices in context.shard_batches(len(dataset), batch_size):
+        images = [dataset.load_image(i).to(device) for i in indices]
+        predictions += [{key: output[key].cpu() for key in ("boxes", "scores", "labels")}
+                        for output in model(images)]
+    return context.gather_sharded(predictions, len(dataset), batch_size)
+
+
 def evaluate(model: torch.nn.Module, dataset: DotaDetectionDataset, device: torch.device,
              batch_size: int = 8, iou_thr: float = 0.5,
              context: DistributedContext | None = None) -> tuple[float, dict[str, float]]:
-    """VOC07 mAP at ``iou_thr`` of ``model`` on ``dataset`` (axis-aligned boxes).
+    """VOC07 mAP at ``iou_thr`` of ``model`` on ``dataset``, and AP per class name: rotated IoU
+    for a model of rotated boxes (``dataset`` must hold the model's box type, see
+    :func:`load_dataset`); difficult objects are ignored. With a distributed ``context`` the
+    ranks share the images (:func:`predict`) and every rank returns the same figures."""
+    return _mean_ap(predict(model, dataset, device, batch_size, context), dataset, iou_thr)
 
-    With a distributed ``context`` every rank detects on its share of the batches and the
-    detections are gathered: every rank returns the mAP a single process computes.
-    """
-    context = context or DistributedContext(device=device)
-    model.eval()
-    detections = []
-    for indices in context.shard_batches(len(dataset), batch_size):
-        images = [dataset.load_image(i).to(device) for i in indices]
-        for output in model(images):
-            boxes, scores = output["boxes"].cpu().double(), output["scores"].cpu().double()
-            labels = output["labels"].cpu() - 1
-            detections.append([
-                torch.cat([boxes[labels == c], scores[labels == c, None]], 1).numpy()
-                for c in range(dataset.num_classes)
-            ])
-    detections = context.gather_sharded(detections, len(dataset), batch_size)
-    mean_ap, per_class = eval_map(detections, dataset.eval_annotations(), iou_thr=iou_thr,
-                                  box_type="hbb", use_07_metric=True)
+
+def _mean_ap(predictions: list[dict[str, torch.Tensor]], dataset: DotaDetectionDataset,
+             iou_thr: float = 0.5) -> tuple[float, dict[str, float]]:
+    mean_ap, per_class = evaluate_detections(predictions, dataset, iou_thr=iou_thr, use_07_metric=True)
     return float(mean_ap), {name: float(per_class[c]["ap"]) for c, name in enumerate(dataset.classes)}
 
 
 def train(config: TrainConfig, console: Console | None = None,
           on_epoch_end: Callable[[EpochRecord], None] | None = None) -> TrainResult:
-    """Trains a torchvision Faster R-CNN on a DOTA-format folder with ``train``/``val`` splits.
+    """Trains a detector (:func:`~dbf_ext.models.build_detector`: an Oriented R-CNN or a
+    torchvision Faster R-CNN) on a DOTA-format folder with ``train``/``val`` splits, epoch by
+    epoch with :func:`train_one_epoch`, evaluating with :func:`predict` / :func:`evaluate`.
 
     Per epoch: the freezing schedule decides (once, before the epoch) whether the backbone
     trains; frozen epochs run it without autograd and, with a cache, serve its features from
@@ -98,8 +130,8 @@ def train(config: TrainConfig, console: Console | None = None,
     to ``config.output_dir``. ``init_from`` starts a new run from the weights of another
     (matching names and shapes; what was skipped is printed). With ``feature_enhancement`` the
     :class:`~dbf_ext.regularizers.FeatureEnhancement` term of the trunk is added to the loss in
-    epochs where the backbone trains. Axis-aligned boxes (from the DOTA polygons) until a rotated
-    detector exists.
+    epochs where the backbone trains. The model's box type (:func:`model_box_type`) decides how
+    the DOTA polygons are read and how mAP is computed (rotated for rotated boxes).
 
     Started by torchrun (``WORLD_SIZE`` > 1 in the environment) or inside an initialised
     process group, it trains data-parallel (:mod:`dbf_ext.train.distributed`): ``batch_size``
@@ -126,15 +158,17 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
     state = load_checkpoint(checkpoint_path, map_location=device) if config.resume else None
     torch.manual_seed(config.seed)
 
-    train_set = _load_dataset(config, "train")
-    val_set = _load_dataset(config, "val", classes=train_set.classes)
+    train_set = load_dataset(config.data, "train", label_errors=config.label_errors)
     if state is not None:
         check_resumable(state, checkpoint_path, config, train_set.classes)
     # Also a barrier: no rank writes into the folder before every rank has checked it.
     context.check_same(state["epoch"] if state is not None else None, "the checkpoint's epoch")
-    out.mkdir(parents=True, exist_ok=True)
-    keyed = KeyedFlipDataset(train_set, hflip=config.hflip, seed=config.seed)
     model = build_detector(config.model, train_set.num_classes, config.image_size)
+    box_type = model_box_type(model)
+    train_set = train_set.with_box_type(box_type)
+    val_set = load_dataset(config.data, "val", train_set.classes, box_type, config.label_errors)
+    out.mkdir(parents=True, exist_ok=True)
+    keyed = KeyedFlipDataset(train_set, hflip=config.hflip, vflip=config.vflip, seed=config.seed)
     initial_weights = config.initial_backbone_weights()
     if initial_weights is not None and state is None:  # a resumed run has its weights already
         console.print(load_backbone_weights(model, initial_weights))
@@ -237,65 +271,15 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
         loader = DataLoader(dataset, batch_size=config.batch_size, shuffle=sampler is None, sampler=sampler,
                             num_workers=config.workers,
                             generator=torch.Generator().manual_seed(config.seed * 1000 + epoch),
-                            collate_fn=cache_aware_collate if cached is not None else _collate)
-        hits_before = cached.cache.stats.hits if cached is not None else 0
-        lookups_before = (cached.cache.stats.hits + cached.cache.stats.misses) if cached is not None else 0
-        model.train()
-        sums: dict[str, float] = {}
-        enhancement_sums: dict[str, float] = {}
-        images_seen = 0
-        started = time.perf_counter()
-        with progress_bar(console) as progress:
-            task = progress.add_task(f"epoch {epoch}", total=steps_per_epoch,
-                                     state="frozen" if frozen else "trains", info="")
-            for step, batch in enumerate(loader, start=1):
-                images, targets, keys = batch if cached is not None else (*batch, None)
-                images = [image.to(device, non_blocking=True) for image in images]
-                targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
-                           for t in targets]
-                with torch.autocast(device.type, enabled=use_amp):
-                    if cached is not None:
-                        losses = dataset.call_with_decoding(
-                            functools.partial(_cached_forward, parallel_model, cached), images, keys,
-                            targets)
-                    else:
-                        losses = parallel_model(images, targets)
-                    if enhancement is not None and not frozen:
-                        losses["feature_enhancement"] = enhancement()
-                    loss = sum(losses.values())
-                # Each term read back once per step: for the finiteness check, the epoch means
-                # and the progress line.
-                values = {name: float(value.detach()) for name, value in losses.items()}
-                loss_value = float(loss.detach())
-                if not math.isfinite(loss_value):
-                    parts = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
-                    raise FloatingPointError(
-                        f"loss became {loss_value} in epoch {epoch}, step {step} of "
-                        f"{steps_per_epoch} ({parts}); lower the learning rate (--lr)")
-                optimizer.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-                scheduler.step()
-                for name, value in values.items():
-                    sums[name] = sums.get(name, 0.0) + value * len(images)
-                if "feature_enhancement" in values:
-                    for name, value in enhancement.parts.items():
-                        enhancement_sums[name] = enhancement_sums.get(name, 0.0) + float(value)
-                images_seen += len(images)
-                rate = images_seen / (time.perf_counter() - started)
-                info = f"loss {loss_value:.3f}  {rate:.1f} img/s"
-                if "feature_enhancement" in values:
-                    info += f"  feature enhancement {values['feature_enhancement']:.3g}"
-                if cached is not None:
-                    info += f"  cache hits {_hit_rate(cached.cache, hits_before, lookups_before):.0%}"
-                progress.update(task, advance=1, info=info)
+                            collate_fn=cache_aware_collate if cached is not None else collate_fn)
+        totals = train_one_epoch(
+            parallel_model, optimizer, scheduler, scaler, loader, device, epoch, console,
+            frozen=frozen, steps_per_epoch=steps_per_epoch, use_amp=use_amp,
+            cached=cached, cache_aware=dataset if cached is not None else None, enhancement=enhancement)
         cache_counts = None
         if cached is not None:
-            stats = cached.cache.stats
-            cache_counts = (stats.hits - hits_before, stats.hits + stats.misses - lookups_before,
-                            sum(cached.cache.bytes_used().values()))
-        job = reduce_epoch(context, sums, images_seen, time.perf_counter() - started, cache_counts)
+            cache_counts = (totals.cache_hits, totals.cache_lookups, sum(cached.cache.bytes_used().values()))
+        job = reduce_epoch(context, totals.losses, totals.images, totals.seconds, cache_counts)
         record = EpochRecord(
             epoch=epoch, frozen=frozen, seconds=job["seconds"],
             images_per_second=job["images"] / job["seconds"], losses=job["losses"],
@@ -305,8 +289,8 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
             record.cache_bytes = job["cache_bytes"]
             if context.is_distributed:
                 record.cache_hit_rate_per_rank = job["cache_hit_rate_per_rank"]
-        if enhancement_sums:
-            record.feature_enhancement = {k: v / step for k, v in enhancement_sums.items()}
+        if totals.feature_enhancement:
+            record.feature_enhancement = {k: v / totals.steps for k, v in totals.feature_enhancement.items()}
         if dynamic is not None:
             record.dynamic_rcnn = {"iou_threshold": dynamic.iou_threshold, "beta": dynamic.beta}
         # Rank 0's running statistics (as DDP's buffer broadcast would give), then proof that
@@ -315,7 +299,8 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
         context.check_same_weights(model, f"the model weights after epoch {epoch}")
         last = epoch == config.epochs - 1
         if last or (config.eval_every and (epoch + 1) % config.eval_every == 0):
-            last_evaluation = evaluate(model, val_set, device, context=context)
+            predictions = predict(model, val_set, device, context=context)
+            last_evaluation = _mean_ap(predictions, val_set)
             record.map50 = last_evaluation[0]
         history.append(record)
         # The parts of the checkpoint every rank contributes to (collectives: on every rank).
@@ -346,11 +331,98 @@ def _train(config: TrainConfig, context: DistributedContext, console: Console,
             on_epoch_end(record)
 
     if last_evaluation is None:  # resumed after the last epoch
-        last_evaluation = evaluate(model, val_set, device, context=context)
+        predictions = predict(model, val_set, device, context=context)
+        last_evaluation = _mean_ap(predictions, val_set)
     final_map, per_class = last_evaluation
     cache_summary = reduce_cache_summary(context, cached.cache.summary()) if cached is not None else None
-    return TrainResult(config, history, train_set.classes, final_map, per_class, cache_summary,
-                       init_report)
+    return TrainResult(config, history, train_set.classes, final_map, per_class, cache_summary, init_report,
+                       box_type=box_type, example=ValidationExample.most_crowded(val_set, predictions))
+
+
+@dataclasses.dataclass
+class EpochTotals:
+    """What :func:`train_one_epoch` sums over its steps (this process's share of the epoch)."""
+
+    losses: dict[str, float]  # loss term -> sum over the images of the step means
+    feature_enhancement: dict[str, float]  # part of the regulariser -> sum over the steps
+    images: int
+    steps: int
+    seconds: float
+    cache_hits: int = 0  # feature-cache lookups served, and all lookups
+    cache_lookups: int = 0
+
+
+def train_one_epoch(model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    scheduler: torch.optim.lr_scheduler.LRScheduler, scaler: torch.amp.GradScaler,
+                    loader: DataLoader, device: torch.device, epoch: int, console: Console, *,
+                    frozen: bool, steps_per_epoch: int, use_amp: bool = False,
+                    cached: CachedBackbone | None = None, cache_aware: CacheAwareDataset | None = None,
+                    enhancement: FeatureEnhancement | None = None) -> EpochTotals:
+    """One epoch of training steps of a detector of either box type, with a progress bar.
+
+    A step: the batch ``(images, targets)`` (with the cache: ``(images, targets, keys)`` from
+    :func:`~dbf_ext.cache.cache_aware_collate`, run through ``cache_aware``'s
+    :meth:`~dbf_ext.cache.CacheAwareDataset.call_with_decoding` with ``cached`` serving the
+    trunk) goes to the device, ``model(images, targets)`` gives the losses (plus the
+    feature-enhancement term while the backbone trains), their sum is checked finite
+    (``FloatingPointError`` naming epoch, step and terms), back-propagated (scaled for AMP) and
+    the optimizer and learning-rate scheduler step.
+    """
+    sums: dict[str, float] = {}
+    enhancement_sums: dict[str, float] = {}
+    images_seen = steps = 0
+    started = time.perf_counter()
+    hits_before, lookups_before = _cache_counts(cached)
+    model.train()
+    with progress_bar(console) as progress:
+        task = progress.add_task(f"epoch {epoch}", total=steps_per_epoch,
+                                 state="frozen" if frozen else "trains", info="")
+        for steps, batch in enumerate(loader, start=1):
+            images, targets, keys = batch if cached is not None else (*batch, None)
+            images = [image.to(device, non_blocking=True) for image in images]
+            targets = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in t.items()}
+                       for t in targets]
+            with torch.autocast(device.type, enabled=use_amp):
+                if cached is not None:
+                    losses = cache_aware.call_with_decoding(
+                        functools.partial(_cached_forward, model, cached), images, keys, targets)
+                else:
+                    losses = model(images, targets)
+                if enhancement is not None and not frozen:
+                    losses["feature_enhancement"] = enhancement()
+                loss = sum(losses.values())
+            # Each term read back once per step: for the finiteness check, the epoch means and
+            # the progress line.
+            values = {name: float(value.detach()) for name, value in losses.items()}
+            loss_value = float(loss.detach())
+            if not math.isfinite(loss_value):
+                parts = ", ".join(f"{name} {value:.4g}" for name, value in values.items())
+                raise FloatingPointError(
+                    f"loss became {loss_value} in epoch {epoch}, step {steps} of "
+                    f"{steps_per_epoch} ({parts}); lower the learning rate (--lr)")
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            for name, value in values.items():
+                sums[name] = sums.get(name, 0.0) + value * len(images)
+            if "feature_enhancement" in values:
+                for name, value in enhancement.parts.items():
+                    enhancement_sums[name] = enhancement_sums.get(name, 0.0) + float(value)
+            images_seen += len(images)
+            rate = images_seen / (time.perf_counter() - started)
+            info = f"loss {loss_value:.3f}  {rate:.1f} img/s"
+            if "feature_enhancement" in values:
+                info += f"  feature enhancement {values['feature_enhancement']:.3g}"
+            if cached is not None:
+                hits, lookups = _cache_counts(cached)
+                info += f"  cache hits {(hits - hits_before) / max(1, lookups - lookups_before):.0%}"
+            progress.update(task, advance=1, info=info)
+    seconds = time.perf_counter() - started
+    hits, lookups = _cache_counts(cached)
+    return EpochTotals(sums, enhancement_sums, images_seen, steps, seconds, hits - hits_before,
+                       lookups - lookups_before)
 
 
 def _cached_forward(model, cached: CachedBackbone, images, keys, targets):
@@ -358,10 +430,8 @@ def _cached_forward(model, cached: CachedBackbone, images, keys, targets):
         return model(images, targets)
 
 
-def _collate(batch):
-    return [image for image, _ in batch], [target for _, target in batch]
-
-
-def _hit_rate(cache: FeatureCache, hits_before: int, lookups_before: int) -> float:
-    lookups = cache.stats.hits + cache.stats.misses - lookups_before
-    return (cache.stats.hits - hits_before) / lookups if lookups else 0.0
+def _cache_counts(cached: CachedBackbone | None) -> tuple[int, int]:
+    """The cache's hits and lookups so far (0, 0 without a cache)."""
+    if cached is None:
+        return 0, 0
+    return cached.cache.stats.hits, cached.cache.stats.hits + cached.cache.stats.misses

@@ -55,6 +55,36 @@ class InitReport:
 
 
 @dataclasses.dataclass
+class ValidationExample:
+    """One validation tile with its ground truth and the final model's detections (the plot
+    draws them). Boxes are ``(K, 4)`` axis-aligned or ``(K, 5)`` rotated (``box_type``) in the
+    tile's pixels; labels are 0-based class indices; difficult objects are left out."""
+
+    image_id: str
+    image: np.ndarray  # (H, W, 3) uint8
+    box_type: str
+    gt_boxes: np.ndarray
+    gt_labels: np.ndarray
+    boxes: np.ndarray
+    scores: np.ndarray
+    labels: np.ndarray
+
+    @classmethod
+    def most_crowded(cls, dataset: Any, predictions: list[dict[str, Any]]) -> ValidationExample:
+        """The tile of ``dataset`` (a :class:`~dbf_ext.data.DotaDetectionDataset`) with the most
+        objects (the first of those), with its entry of ``predictions`` (torchvision-style
+        outputs in dataset order, labels 1-based)."""
+        annotations = dataset.eval_annotations()
+        index = int(np.argmax([len(ann["labels"]) for ann in annotations]))
+        image = dataset.load_image(index).mul(255).round().byte().permute(1, 2, 0).numpy()
+        output = predictions[index]
+        return cls(dataset.image_ids[index], image, dataset.box_type,
+                   annotations[index]["bboxes"], annotations[index]["labels"],
+                   output["boxes"].double().numpy(), output["scores"].double().numpy(),
+                   output["labels"].numpy() - 1)
+
+
+@dataclasses.dataclass
 class TrainResult:
     config: TrainConfig
     history: list[EpochRecord]
@@ -63,6 +93,13 @@ class TrainResult:
     per_class_ap: dict[str, float]
     cache_summary: dict[str, Any] | None
     init_report: InitReport | None = None  # what --init-from loaded
+    box_type: str = "hbb"  # of the model: "obb" means rotated boxes and rotated mAP
+    example: ValidationExample | None = None  # a validation tile with the final detections
+
+    @property
+    def map_name(self) -> str:
+        """What ``final_map50`` is: ``"rotated mAP50"`` (rotated IoU) or ``"mAP50"``."""
+        return "rotated mAP50" if self.box_type == "obb" else "mAP50"
 
 
 # Width of a console that is not a terminal: wide enough that rich never wraps a line.
@@ -124,21 +161,27 @@ def summary_rows(result: TrainResult) -> list[tuple[str, str]]:
              " / ".join(str(cache["entries"][t]) for t in ("gpu", "cpu", "disk"))),
         ]
     if result.final_map50 is not None:
-        rows.append(("mAP50 (VOC07, val)", f"{result.final_map50:.3f}"))
+        rows.append((f"{result.map_name} (VOC07, val)", f"{result.final_map50:.3f}"))
         rows += [(f"  AP50 {name}", f"{ap:.3f}") for name, ap in result.per_class_ap.items()]
     return rows
 
 
-def plot_history(result: TrainResult, path: str | Path) -> None:
-    """Losses, mAP and the freeze timeline per epoch, as a PNG."""
+def plot_history(result: TrainResult, path: str | Path, score_threshold: float = 0.5) -> None:
+    """Losses, mAP and the freeze timeline per epoch, as a PNG; beside them, when the result has
+    a :class:`ValidationExample`, its tile with the ground truth (white, dashed) and the final
+    model's detections scoring at least ``score_threshold`` (coloured by class) drawn over it."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     epochs = [r.epoch for r in result.history]
-    fig, (ax_loss, ax_time) = plt.subplots(2, 1, figsize=(8, 6), sharex=True,
-                                           gridspec_kw={"height_ratios": [3, 2]})
+    example = result.example
+    fig = plt.figure(figsize=(13 if example is not None else 8, 6))
+    grid = fig.add_gridspec(2, 2 if example is not None else 1, height_ratios=[3, 2],
+                            width_ratios=[8, 5] if example is not None else None)
+    ax_loss = fig.add_subplot(grid[0, 0])
+    ax_time = fig.add_subplot(grid[1, 0], sharex=ax_loss)
     for record in result.history:  # the freeze timeline, as shading
         if record.frozen:
             for ax in (ax_loss, ax_time):
@@ -151,8 +194,8 @@ def plot_history(result: TrainResult, path: str | Path) -> None:
     evaluated = [(r.epoch, r.map50) for r in result.history if r.map50 is not None]
     if evaluated:
         ax_map = ax_loss.twinx()
-        ax_map.plot(*zip(*evaluated), "o-", color="tab:red", label="mAP50 (val)")
-        ax_map.set_ylabel("mAP50", color="tab:red")
+        ax_map.plot(*zip(*evaluated), "o-", color="tab:red", label=f"{result.map_name} (val)")
+        ax_map.set_ylabel(result.map_name, color="tab:red")
         ax_map.set_ylim(0, 1)
     ax_loss.legend(loc="upper right", fontsize=8)
     ax_loss.set_title("dbf_ext training (shaded: backbone frozen)")
@@ -160,6 +203,31 @@ def plot_history(result: TrainResult, path: str | Path) -> None:
                 color=["tab:blue" if r.frozen else "tab:orange" for r in result.history])
     ax_time.set_ylabel("epoch time (s)")
     ax_time.set_xlabel("epoch (blue: frozen backbone, orange: backbone trains)")
+    if example is not None:
+        _draw_example(fig.add_subplot(grid[:, 1]), example, result.classes, score_threshold)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def _draw_example(ax: Any, example: ValidationExample, classes: tuple[str, ...], score_threshold: float) -> None:
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Polygon
+
+    from dbf_ext.data.dota import boxes_to_polygons
+
+    colours = [f"C{c}" for c in range(len(classes))]
+    ax.imshow(example.image)
+    for corners in boxes_to_polygons(example.gt_boxes, example.box_type):
+        ax.add_patch(Polygon(corners.reshape(4, 2), closed=True, fill=False, ec="white", lw=1.6, ls="--"))
+    shown = example.scores >= score_threshold
+    for corners, label in zip(boxes_to_polygons(example.boxes[shown], example.box_type), example.labels[shown]):
+        ax.add_patch(Polygon(corners.reshape(4, 2), closed=True, fill=False, ec=colours[label], lw=1.2))
+    handles = [Line2D([], [], color="white", ls="--", label="ground truth")]
+    handles += [Line2D([], [], color=colour, label=name) for name, colour in zip(classes, colours)]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.02), ncol=3, fontsize=8,
+              facecolor="0.85")
+    kind = "rotated boxes" if example.box_type == "obb" else "boxes"
+    ax.set_title(f"val tile {example.image_id}: detections (score >= {score_threshold:g}, {kind})",
+                 fontsize=9)
+    ax.set_axis_off()
