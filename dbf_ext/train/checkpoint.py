@@ -6,7 +6,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +42,12 @@ def read_weights_file(path: str | Path, map_location: str | torch.device = "cpu"
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    # torch.load reports damage by RuntimeError (zip), UnpicklingError (not plain data),
-    # EOFError (empty) or ValueError.
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+    except OSError:
+        raise  # the disk's fault, not the file's content: reported as such
+    # Damage makes torch.load fail in many ways: RuntimeError (zip), UnpicklingError (not plain
+    # data), EOFError (empty), and IndexError, KeyError, TypeError, ... when random bytes drive
+    # the unpickler's opcodes.
+    except Exception as err:
         raise CheckpointError(f"{what} {path} cannot be read (corrupt, truncated or not plain "
                               f"tensors saved by torch): {_first_line(err)}") from None
 
