@@ -93,6 +93,9 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     _print_summary(result, console, comparison)
     if not comparison:
         console.print("(no full fine-tuning figures for these settings: --compare measures them)")
+    elif not args.compare:
+        console.print("(full fine-tuning: stored figures; its time compares on a like machine and load, "
+                      "--compare measures both runs alike)")
     console.print(f"plot written to {plot}")
     return 0
 
