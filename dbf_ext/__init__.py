@@ -11,7 +11,8 @@ import importlib
 __version__ = "0.1.0"
 
 _SUBMODULES = (
-    "ops", "boxes", "freeze", "cache", "assign", "data", "evaluation", "integrations", "regularizers", "train",
+    "ops", "boxes", "freeze", "cache", "assign", "data", "evaluation", "inference", "integrations", "regularizers",
+    "train",
 )
 
 

@@ -5,6 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
+
+import numpy as np
 
 
 def _cmd_info(args: argparse.Namespace) -> int:
@@ -141,30 +144,188 @@ def _cmd_train(args: argparse.Namespace) -> int:
 
 
 def _cmd_eval(args: argparse.Namespace) -> int:
-    from dbf_ext.train import build_detector, evaluate, init_distributed, load_checkpoint, load_model_weights
-    from dbf_ext.train.engine import load_dataset, model_box_type
+    if args.detections:
+        return _eval_detections(args)
+    from dbf_ext.inference import model_box_type
+    from dbf_ext.train import evaluate, init_distributed, load_dataset, load_detector, resolve_device
 
-    context = init_distributed(args.device)  # started by torchrun: the ranks share the images
-    try:
-        state = load_checkpoint(args.checkpoint)
-        config, classes = state["config"], tuple(state["classes"])
-        model = build_detector(config["model"], len(classes), config["image_size"])
-        load_model_weights(model, state, args.checkpoint)
-        box_type = model_box_type(model)
-        # The classes the model was trained for, in its label order: the training folder may
-        # have moved or changed since.
-        dataset = load_dataset(args.data or config["data"], args.split, classes, box_type)
-        mean_ap, per_class = evaluate(model.to(context.device), dataset, context.device,
-                                      iou_thr=args.iou_thr, context=context)
-    finally:
-        context.close()
-    if not context.is_main:
+    if not _windows_given(args):
+        context = init_distributed(args.device)  # started by torchrun: the ranks share the images
+        try:
+            model, classes, config = load_detector(args.checkpoint, context.device)
+            # The classes the model was trained for, in its label order: the training folder may
+            # have moved or changed since.
+            dataset = load_dataset(args.data or config["data"], args.split, classes, model_box_type(model))
+            mean_ap, per_class = evaluate(model, dataset, context.device, iou_thr=args.iou_thr, context=context)
+        finally:
+            context.close()
+        if context.is_main:
+            _print_map(args, dataset, mean_ap, per_class)
         return 0
-    name = "rotated mAP" if box_type == "obb" else "mAP"
-    print(f"{name}@{args.iou_thr} (VOC07) on {len(dataset)} images of '{args.split}': {mean_ap:.4f}")
+    device = resolve_device(args.device)
+    model, classes, config = load_detector(args.checkpoint, device)
+    from dbf_ext.evaluation import evaluate_detections
+    from dbf_ext.inference import predict_images
+
+    dataset = load_dataset(args.data or config["data"], args.split, classes, model_box_type(model))
+    images = {image_id: dataset.image_path(i) for i, image_id in enumerate(dataset.image_ids)}
+    with _progress() as progress:
+        predictions = {image_id: result for image_id, _, result in predict_images(
+            model, images, progress=progress, **_prediction_options(args))}
+    mean_ap, per_class = evaluate_detections(predictions, dataset, iou_thr=args.iou_thr)
+    _print_map(args, dataset, mean_ap, {name: per_class[c]["ap"] for c, name in enumerate(classes)},
+               how=f"on the whole images, windows {_window_text(args)} merged")
+    return 0
+
+
+def _eval_detections(args: argparse.Namespace) -> int:
+    """mAP of Task1 result files (merged detections, e.g. from dbf-ext predict --task1) against
+    the labels of the original images."""
+    from dbf_ext.data import DotaDetectionDataset, DotaFolder, polygons_to_hbb, polygons_to_obb, read_dota_task1
+    from dbf_ext.evaluation import evaluate_detections
+
+    if args.checkpoint or _windows_given(args):
+        raise ValueError("--detections evaluates result files: no --checkpoint, --preset, --patch-size, --gap "
+                         "or --rates with it")
+    if not args.data:
+        raise ValueError("--detections needs --data (the folder whose --split holds the original labels)")
+    found = sorted(path.name[len("Task1_"):-len(".txt")] for path in Path(args.detections).glob("Task1_*.txt"))
+    if not found:
+        raise FileNotFoundError(f"no Task1_<class>.txt files in {args.detections}")
+    labelled = DotaFolder(Path(args.data) / args.split).classes
+    classes = tuple(labelled) + tuple(name for name in found if name not in labelled)
+    dataset = DotaDetectionDataset(args.data, args.split, classes=classes, box_type=args.box_type)
+    task1 = read_dota_task1(args.detections, classes).values()
+    to_boxes = polygons_to_obb if args.box_type == "obb" else polygons_to_hbb
+    image_ids = np.array([image_id for dets in task1 for image_id in dets.image_ids], dtype=str)
+    boxes = to_boxes(np.concatenate([dets.polygons for dets in task1]))
+    scores = np.concatenate([dets.scores for dets in task1])
+    labels = np.concatenate([np.full(len(dets.scores), label) for label, dets in enumerate(task1, start=1)])
+    order = np.argsort(image_ids, kind="stable")  # grouped by image, file order within an image
+    names, starts = np.unique(image_ids[order], return_index=True)
+    predictions = {
+        str(name): {"boxes": boxes[rows], "scores": scores[rows], "labels": labels[rows]}
+        for name, rows in zip(names, np.split(order, starts[1:]))
+    }
+    mean_ap, per_class = evaluate_detections(predictions, dataset, iou_thr=args.iou_thr)
+    _print_map(args, dataset, mean_ap, {name: per_class[c]["ap"] for c, name in enumerate(classes)},
+               how=f"of the Task1 files in {args.detections}, {'rotated' if args.box_type == 'obb' else 'axis-aligned'}"
+                   " boxes")
+    return 0
+
+
+def _print_map(args, dataset, mean_ap: float, per_class: dict[str, float], how: str = "") -> None:
+    name = "rotated mAP" if dataset.box_type == "obb" else "mAP"
+    print(f"{name}@{args.iou_thr} (VOC07) on {len(dataset)} images of '{args.split}'{' ' + how if how else ''}: "
+          f"{mean_ap:.4f}")
     for name, ap in per_class.items():
         print(f"  {name:24s} {ap:.4f}")
+
+
+def _progress():
+    """A progress display on the terminal (nothing when the output is not one)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from dbf_ext.train import output_console
+
+    console = output_console()
+    return Progress(TextColumn("[bold]{task.description}[/]"), BarColumn(), MofNCompleteColumn(),
+                    TimeElapsedColumn(), console=console, transient=True, disable=not console.is_terminal)
+
+
+def _cmd_split(args: argparse.Namespace) -> int:
+    from dbf_ext.data import split_dota
+    from dbf_ext.train import output_console
+
+    src, dst = Path(args.src), Path(args.dst)
+    if not src.is_dir():
+        raise FileNotFoundError(f"source folder {src} does not exist")
+    # A DOTA folder, or a folder of them (train/, val/, test/): each split goes to DST/<split>.
+    if (src / "images").is_dir():
+        pairs = [(src, dst)]
+    else:
+        pairs = [(sub, dst / sub.name) for sub in sorted(src.iterdir()) if (sub / "images").is_dir()]
+        if not pairs:
+            raise FileNotFoundError(f"{src} holds neither images/ nor splits with images/ (e.g. train/images)")
+    patch_size, gap, rates = _window_options(args)
+    pad_value = args.pad_value[0] if len(args.pad_value) == 1 else tuple(args.pad_value)
+    console = output_console()
+    for source, target in pairs:
+        summary = split_dota(source, target, patch_size=patch_size, gap=gap, rates=rates,
+                             iof_thr=args.iof_thr, img_rate_thr=args.img_rate_thr, pad_value=pad_value,
+                             save_empty=args.save_empty, workers=args.workers, console=console)
+        console.print(f"{source}: {summary.images} images -> {summary.patches} patches of "
+                      f"{_window_text(args)} ({summary.written} written now), {summary.objects} objects, in "
+                      f"{target}", markup=False, highlight=False)
     return 0
+
+
+def _cmd_predict(args: argparse.Namespace) -> int:
+    from dbf_ext.data import IMAGE_EXTENSIONS, find_images, write_dota_labels, write_dota_task1
+    from dbf_ext.data.dota import boxes_to_polygons
+    from dbf_ext.evaluation import detections_by_class
+    from dbf_ext.inference import draw_detections, model_box_type, predict_images
+    from dbf_ext.train import load_detector, resolve_device
+
+    folder = Path(args.images)
+    images = find_images(folder / "images" if (folder / "images").is_dir() else folder)
+    if not images:
+        raise FileNotFoundError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in {folder}")
+    model, classes, _ = load_detector(args.checkpoint, resolve_device(args.device))
+    box_type = model_box_type(model)
+    out = Path(args.out)
+    (out / "labelTxt").mkdir(parents=True, exist_ok=True)
+    if args.draw:
+        (out / "drawings").mkdir(exist_ok=True)
+    image_ids, det_results, count = [], [], 0
+    with _progress() as progress:
+        for image_id, pixels, result in predict_images(model, images, progress=progress,
+                                                       **_prediction_options(args)):
+            image_ids.append(image_id)
+            det_results.append(detections_by_class(result["boxes"], result["scores"], result["labels"],
+                                                   len(classes)))
+            confident = (result["scores"] >= args.score_thr).numpy()
+            count += int(confident.sum())
+            write_dota_labels(out / "labelTxt" / f"{image_id}.txt",
+                              boxes_to_polygons(result["boxes"].numpy()[confident], box_type),
+                              [classes[int(label) - 1] for label in result["labels"][confident]])
+            if args.draw:
+                draw_detections(pixels, result, classes, box_type, args.score_thr).save(
+                    out / "drawings" / f"{image_id}.jpg", quality=90)
+    print(f"{len(image_ids)} images, windows {_window_text(args)}: {count} detections with score >= "
+          f"{args.score_thr} as DOTA labels in {out / 'labelTxt'}")
+    if args.task1:
+        write_dota_task1(out, image_ids, det_results, classes, box_type)
+        total = sum(len(dets) for per_class in det_results for dets in per_class)
+        print(f"Task1 files (all {total} detections): {out}/Task1_<class>.txt, one per class")
+    if args.draw:
+        print(f"drawings: {out / 'drawings'}")
+    return 0
+
+
+def _windows_given(args: argparse.Namespace) -> bool:
+    return any(getattr(args, name) is not None for name in ("preset", "patch_size", "gap", "rates"))
+
+
+def _window_options(args: argparse.Namespace) -> tuple[int, int, tuple[float, ...]]:
+    """``(patch_size, gap, rates)``: the preset's (``ss`` by default), each replaced by the
+    option given."""
+    from dbf_ext.data import SPLIT_PRESETS
+
+    preset = SPLIT_PRESETS[args.preset or "ss"]
+    return (preset.patch_size if args.patch_size is None else args.patch_size,
+            preset.gap if args.gap is None else args.gap,
+            preset.rates if args.rates is None else tuple(args.rates))
+
+
+def _window_text(args: argparse.Namespace) -> str:
+    patch_size, gap, rates = _window_options(args)
+    return f"{patch_size} px, gap {gap}, rates {', '.join(f'{r:g}' for r in rates)}"
+
+
+def _prediction_options(args: argparse.Namespace) -> dict:
+    patch_size, gap, rates = _window_options(args)
+    return dict(patch_size=patch_size, gap=gap, rates=rates, batch_size=args.batch_size, iou_thr=args.merge_iou_thr)
 
 
 def _cmd_masks2dota(args: argparse.Namespace) -> int:
@@ -191,6 +352,25 @@ def _epoch_list(text: str) -> tuple[int, ...]:
 
 
 _DEVICE_HELP = "auto (a GPU when usable, else the CPU), cpu, cuda or cuda:N"
+
+
+def _add_window_options(parser: argparse.ArgumentParser, title: str) -> None:
+    from dbf_ext.data import SPLIT_PRESETS
+
+    group = parser.add_argument_group(title)
+    presets = "; ".join(f"{name}: {p.patch_size} px, gap {p.gap}, rates {', '.join(f'{r:g}' for r in p.rates)}"
+                        for name, p in SPLIT_PRESETS.items())
+    group.add_argument("--preset", choices=tuple(SPLIT_PRESETS), help=f"mmrotate's split settings ({presets})")
+    group.add_argument("--patch-size", type=int, help="window size at rate 1 (overrides the preset's)")
+    group.add_argument("--gap", type=int, help="overlap of windows at rate 1 (overrides the preset's)")
+    group.add_argument("--rates", type=float, nargs="+",
+                       help="scales: windows of patch-size / rate px (overrides the preset's)")
+
+
+def _add_merge_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--batch-size", type=int, default=4, help="windows per model call (default %(default)s)")
+    parser.add_argument("--merge-iou-thr", type=float, default=0.1,
+                        help="NMS threshold merging the windows' detections, per class (default %(default)s)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -311,15 +491,63 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--plot", help="write losses, mAP and the freeze timeline to this PNG")
     tr.set_defaults(handler=_cmd_train)
 
-    ev = commands.add_parser("eval", help="mAP of a checkpoint on a DOTA-format split")
-    ev.add_argument("--checkpoint", required=True,
-                    help="checkpoint.pt of a training run (it holds the model and its classes)")
+    ev = commands.add_parser("eval", help="mAP of a checkpoint, or of Task1 result files, on a DOTA-format split")
+    what = ev.add_mutually_exclusive_group(required=True)
+    what.add_argument("--checkpoint",
+                      help="checkpoint.pt of a training run (it holds the model and its classes)")
+    what.add_argument("--detections", metavar="DIR",
+                      help="a folder of Task1_<class>.txt files (merged detections on the original images, "
+                           "e.g. from dbf-ext predict --task1) to evaluate against the labels of --data/--split")
     ev.add_argument("--data", help="dataset folder (default: the one the checkpoint trained on)")
     ev.add_argument("--split", default="val", help="split folder of the dataset (default %(default)s)")
     ev.add_argument("--iou-thr", type=float, default=0.5,
                     help="IoU for a detection to match (default %(default)s)")
+    ev.add_argument("--box-type", choices=("obb", "hbb"), default="obb",
+                    help="--detections: compare rotated boxes (obb, DOTA Task1, default) or the enclosing "
+                         "axis-aligned boxes (hbb)")
+    _add_window_options(ev, "--checkpoint: predict the original (large) images by sliding windows, merged "
+                            "(as dbf-ext predict), instead of each image at once")
+    _add_merge_options(ev)
     ev.add_argument("--device", default="auto", help=_DEVICE_HELP)
     ev.set_defaults(handler=_cmd_eval)
+
+    sp = commands.add_parser(
+        "split", help="cut large images into overlapping patches (mmrotate's DOTA split: windows, IoF, names)")
+    sp.add_argument("src", help="a DOTA folder (images/, labelTxt/), or a folder of them (train/, val/, test/)")
+    sp.add_argument("dst", help="output folder (a DOTA folder, or one per split); an interrupted split into it "
+                                "is finished")
+    _add_window_options(sp, "windows (default: preset ss)")
+    sp.add_argument("--iof-thr", type=float, default=0.7,
+                    help="an object goes into a patch when this fraction of its area lies in the window "
+                         "(default %(default)s)")
+    sp.add_argument("--img-rate-thr", type=float, default=0.6,
+                    help="windows whose image part is at most this fraction are dropped (default %(default)s)")
+    sp.add_argument("--pad-value", type=int, nargs="+", default=[104, 116, 124], metavar="V",
+                    help="padding colour as B G R (mmrotate's order), or one grey value (default: 104 116 124, "
+                         "ImageNet's mean colour)")
+    sp.add_argument("--save-empty", action="store_true",
+                    help="also write patches without objects (always done for a folder without labels)")
+    sp.add_argument("--workers", type=int, default=None,
+                    help="processes (default: one per CPU core; 0: none)")
+    sp.set_defaults(handler=_cmd_split)
+
+    pr = commands.add_parser(
+        "predict", help="detect objects in large images (sliding windows, merged): DOTA labels, Task1 files")
+    pr.add_argument("--checkpoint", required=True, help="checkpoint.pt of a training run")
+    pr.add_argument("--images", required=True, help="folder of images (or a DOTA folder with images/)")
+    pr.add_argument("--out", required=True,
+                    help="output folder: labelTxt/<image>.txt (detections with score >= --score-thr as DOTA "
+                         "labels), Task1_<class>.txt with --task1, drawings/ with --draw")
+    pr.add_argument("--task1", action="store_true",
+                    help="write DOTA Task1 result files (every detection with its score), ready for the "
+                         "evaluation server")
+    pr.add_argument("--draw", action="store_true", help="write drawings of the detections (JPEG)")
+    pr.add_argument("--score-thr", type=float, default=0.3,
+                    help="least score of a detection in labelTxt/ and the drawings (default %(default)s)")
+    _add_window_options(pr, "windows (default: preset ss)")
+    _add_merge_options(pr)
+    pr.add_argument("--device", default="auto", help=_DEVICE_HELP)
+    pr.set_defaults(handler=_cmd_predict)
 
     m2d = commands.add_parser(
         "masks2dota", help="PNG instance maps -> DOTA label files (minimum-area rotated boxes)")
@@ -347,7 +575,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return args.handler(args)
     # Mistakes and faults of input, files and numbers: one line, no traceback. OSError covers
-    # missing files, permissions, a file where a folder should be, a full disk.
+    # missing files, permissions, a file where a folder should be, a full disk, a worker process
+    # that died.
     except (ValueError, TypeError, OSError, ImportError, FloatingPointError, RankMismatchError) as err:
         print(f"dbf-ext {args.command}: error: {_one_line(err)}", file=sys.stderr)
         return 1

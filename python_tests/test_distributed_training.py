@@ -62,8 +62,9 @@ def torchrun(*command: str, worker: tuple[str, ...] | None = ()) -> subprocess.C
     program = ["-m", "dbf_ext"] if worker is None else [str(WORKER), *worker, "--"]
     launch = [sys.executable, "-m", "torch.distributed.run", f"--nproc_per_node={RANKS}", "--standalone",
               "--monitor-interval=0.1", *program, *command]
+    # cwd: `-m dbf_ext` must import the installed package, not a source tree in the current folder.
     return subprocess.run(launch, capture_output=True, text=True, timeout=LAUNCH_TIMEOUT_S,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"}, cwd=WORKER.parent)
 
 
 def train_command(data, out, *extra: str) -> list[str]:

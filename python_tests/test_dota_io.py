@@ -71,6 +71,23 @@ def test_label_round_trip_is_exact(tmp_path):
     assert path.read_text().splitlines()[:2] == ["imagesource:GoogleEarth", "gsd:0.146343590398"]
 
 
+def test_truncated_objects_have_difficulty_2_and_are_normal_objects(tmp_path):
+    """Split tools write difficulty 2 for an object cut by a patch border: read back as
+    truncated, not difficult; a truncated flag wins over difficult when writing (as they do)."""
+    polygons = np.array([[10, 20, 50, 20, 50, 40, 10, 40]] * 4, dtype=np.float64)
+    path = tmp_path / "P1__1024__0___0.txt"
+    write_dota_labels(path, polygons, ["plane"] * 4, difficult=[False, True, False, True],
+                      truncated=[False, False, True, True])
+    assert [line.split()[-1] for line in path.read_text().splitlines()] == ["0", "1", "2", "2"]
+    labels, _ = read_dota_labels(path)
+    np.testing.assert_array_equal(labels.difficult, [False, True, False, False])
+    np.testing.assert_array_equal(labels.truncated, [False, False, True, True])
+    write_image(tmp_path / "data" / "images" / "P1.png")
+    write_text(tmp_path / "data" / "labelTxt" / "P1.txt", path.read_text())
+    ann = DotaDetectionDataset(tmp_path / "data").eval_annotations()[0]
+    assert len(ann["bboxes"]) == 3 and len(ann["bboxes_ignore"]) == 1  # only flag 1 is ignored
+
+
 def test_label_file_variants(tmp_path):
     # BOM, CRLF, blank lines, a 9-field line (difficult defaults to 0), "gsd:null"
     text = "\ufeffimagesource:GoogleEarth\r\ngsd:null\r\n\r\n" + GOOD_LINE + "\r\n1 2 3 2 3 4 1 4 plane\r\n  \r\n"
@@ -90,7 +107,7 @@ def test_label_file_variants(tmp_path):
         ("10 20 50 20 50 40 10 40 plane 0 extra", "expected 10 fields"),
         ("10 20 50 twenty 50 40 10 40 plane 0", "coordinates must be numbers"),
         ("10 20 50 nan 50 40 10 40 plane 0", "coordinates must be finite"),
-        ("10 20 50 20 50 40 10 40 plane 2", "difficult must be 0 or 1"),
+        ("10 20 50 20 50 40 10 40 plane 3", "difficult must be 0, 1 or 2"),
     ],
 )
 def test_malformed_line_raises_with_file_and_line(tmp_path, line, message):

@@ -14,11 +14,15 @@ from dbf_ext.data import (
     DotaDetectionDataset,
     DotaFolder,
     SyntheticConfig,
+    SyntheticSceneConfig,
     default_cache_dir,
     generate_synthetic_dota,
     prepare_synthetic_dota,
+    render_synthetic_scene,
     render_synthetic_tile,
+    sliding_windows,
     synthetic,
+    window_iof,
 )
 
 SMALL = SyntheticConfig(tile_size=128, train_tiles=3, val_tiles=2, min_objects=3, max_objects=8, seed=5)
@@ -145,3 +149,26 @@ def test_stale_temporaries_are_removed_and_fresh_ones_kept(tmp_path):
         os.utime(folder, (0, 0))
     prepare_synthetic_dota(SMALL, cache_dir=tmp_path, quiet=True)
     assert not stale.exists() and fresh.exists()
+
+
+def test_large_scenes_are_deterministic_valid_and_cross_patch_borders(tmp_path):
+    # Adding scenes left the tiles' parameters, and so the demo's folder, as they were.
+    assert SyntheticConfig().params_hash() == "6343e7d8d87b3834"
+    config = SyntheticSceneConfig(width=600, height=400, train_scenes=1, val_scenes=1, seed=3)
+    scene = render_synthetic_scene(config, "train", 0)
+    again = render_synthetic_scene(config, "train", 0)
+    np.testing.assert_array_equal(scene.image, again.image)
+    np.testing.assert_array_equal(scene.polygons, again.polygons)
+    assert scene.image.shape == (400, 600, 3) and not np.array_equal(
+        scene.image[:256, :256], render_synthetic_tile(SyntheticConfig(seed=3), "train", 0).image)
+    units = round(600 * 400 / 256**2)
+    assert config.min_objects * units <= len(scene.class_names) <= config.max_objects * units
+    polygons = [shapely.Polygon(p.reshape(4, 2)) for p in scene.polygons]
+    assert all(p.is_valid and shapely.box(0, 0, 600, 400).contains(p) for p in polygons)
+    assert not any(a.intersects(b) for i, a in enumerate(polygons) for b in polygons[i + 1:])
+    _, _, iof = window_iof(scene.polygons, sliding_windows(600, 400, 256, 64))
+    assert ((iof > 0) & (iof < 1)).sum() >= 5  # objects cut by patch borders
+    root = prepare_synthetic_dota(config, cache_dir=tmp_path, quiet=True)
+    assert root.parent.name == "synthetic-scenes-v1" and root.name == config.params_hash()
+    dataset = DotaDetectionDataset(root, "val", classes=SYNTHETIC_CLASSES)
+    assert dataset.image_size(0) == (600, 400)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import random
 import re
 import shutil
 import subprocess
@@ -15,7 +16,7 @@ import torch
 
 from dbf_ext.cli import main
 from dbf_ext.data.synthetic import SyntheticConfig, prepare_synthetic_dota
-from dbf_ext.train import TrainConfig, flip_boxes, parse_cache_spec, train
+from dbf_ext.train import CheckpointError, TrainConfig, flip_boxes, load_checkpoint, parse_cache_spec, train
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +285,7 @@ def test_corrupt_checkpoint_is_a_one_line_error(tiny_set, finished_run, tmp_path
     shutil.copytree(finished_run, out)
     checkpoint = out / "checkpoint.pt"
     if damage == "garbage":
-        checkpoint.write_bytes(os.urandom(4096))
+        checkpoint.write_bytes(random.Random(0).randbytes(4096))
     elif damage == "truncated":
         checkpoint.write_bytes(checkpoint.read_bytes()[:-5000])
     elif damage == "empty":
@@ -300,6 +301,16 @@ def test_corrupt_checkpoint_is_a_one_line_error(tiny_set, finished_run, tmp_path
     assert str(checkpoint) in one_line_error(capsys)
     assert main(["eval", "--checkpoint", str(checkpoint)]) == 1
     assert str(checkpoint) in one_line_error(capsys, "eval")
+
+
+def test_any_garbage_checkpoint_is_a_checkpoint_error(tmp_path):
+    """Random bytes drive torch's unpickler into many different failures (the first CI run met
+    an IndexError from os.urandom bytes): every one must become the one-line CheckpointError."""
+    path = tmp_path / "checkpoint.pt"
+    for seed in range(200):
+        path.write_bytes(random.Random(seed).randbytes(seed * 37 % 5000))
+        with pytest.raises(CheckpointError, match="cannot be read"):
+            load_checkpoint(path)
 
 
 def test_checkpoint_of_another_model_is_a_one_line_error(tiny_set, finished_run, tmp_path, capsys):

@@ -17,7 +17,11 @@ from torch.utils.hooks import RemovableHandle
 from dbf_ext import _ext
 from dbf_ext.cache.data import PlaceholderMiss
 from dbf_ext.cache.store import CacheKey, FeatureCache
-from dbf_ext.freeze.frozen_backbone import nest_wrapped_keys
+from dbf_ext.freeze.frozen_backbone import (
+    AttributeFallThrough,
+    nest_wrapped_keys,
+    unnest_wrapped_keys,
+)
 
 
 def weights_fingerprint(module: nn.Module) -> Hashable:
@@ -49,7 +53,7 @@ def _version_counters(module: nn.Module) -> Hashable:
     return hash(tuple((t.data_ptr(), t._version) for t in tensors))
 
 
-class CachedBackbone(nn.Module):
+class CachedBackbone(AttributeFallThrough, nn.Module):
     """Serves a frozen backbone's outputs from a feature cache.
 
     Args:
@@ -94,18 +98,17 @@ class CachedBackbone(nn.Module):
         self.cache = cache
         self._keys: Sequence[CacheKey | None] | None = None
         self._image_sizes: list[tuple[int, int]] | None = None  # of the next call, when watched
+        self._batch_image_sizes: list[tuple[int, int]] | None = None  # set by batch_keys
         self._content_checked_for: Hashable = None  # the counters the content digest belongs to
         self._content_fingerprint: Hashable = None
         cache.bind_weights(self.serving_weights)
         self._copy_streams: dict[torch.device, torch.cuda.Stream] = {}
         self._pending_timings: list[tuple[Any, Any, int]] = []
+        # The state dict has the wrapped backbone's own keys (no extra level), so checkpoints
+        # load into the model without the cache, and back.
         self.register_load_state_dict_pre_hook(
             lambda module, state_dict, prefix, *_: nest_wrapped_keys(state_dict, prefix))
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The wrapped backbone's state dict with its own keys (no extra level), so checkpoints
-        load into the model without the cache, and back."""
-        return self.backbone.state_dict(*args, **kwargs)
+        self.register_state_dict_post_hook(unnest_wrapped_keys)
 
     @property
     def frozen(self) -> bool:
@@ -141,19 +144,27 @@ class CachedBackbone(nn.Module):
         return transform.register_forward_hook(record)
 
     @contextlib.contextmanager
-    def batch_keys(self, keys: Sequence[CacheKey | None] | None) -> Iterator[None]:
-        """Uses ``keys`` for the forward calls inside the block."""
-        previous, self._keys = self._keys, keys
+    def batch_keys(self, keys: Sequence[CacheKey | None] | None,
+                   image_sizes: Sequence[tuple[int, int]] | None = None) -> Iterator[None]:
+        """Uses ``keys`` for the forward calls inside the block, and ``image_sizes`` (each
+        image's own ``(H, W)`` inside the padded batch, see :meth:`watch_input_sizes`) unless
+        a watched transform records them."""
+        previous = self._keys, self._batch_image_sizes
+        self._keys = keys
+        self._batch_image_sizes = None if image_sizes is None else [
+            tuple(int(s) for s in size) for size in image_sizes]
         try:
             yield
         finally:
-            self._keys = previous
+            self._keys, self._batch_image_sizes = previous
 
     def forward(self, images: Tensor, keys: Sequence[CacheKey | None] | None = None) -> Any:
         """Features of ``images`` ``(B, C, H, W)`` in the backbone's output structure, e.g.
         ``{"0": (B, C0, H/4, W/4), ...}``; hits served from the cache (see the class)."""
         keys = keys if keys is not None else self._keys
         image_sizes, self._image_sizes = self._image_sizes, None  # belong to this call only
+        if image_sizes is None:
+            image_sizes = self._batch_image_sizes
         if keys is None:
             return self.backbone(images)
         if len(keys) != images.shape[0]:

@@ -179,28 +179,71 @@ def reading_image(path: Path) -> Iterator[None]:
         raise ImageReadError(f"{path}: cannot read the image: {err}") from err
 
 
-def _to_rgb_tensor(image: Image.Image, path: Path) -> Tensor:
+def _checked_pixels(image: Image.Image, path: Path) -> np.ndarray:
+    """The pixels of an open image: uint8 ``(H, W, 3)`` RGB for 8-bit images, float32 ``(H, W)``
+    grey in ``[0, 1]`` for 16-bit and float images; images of no known range are refused."""
     if image.mode.startswith("I;16"):
-        grey = torch.from_numpy(np.asarray(image, dtype=np.float32)).div_(65535)
-    elif image.mode == "F":
-        grey = torch.from_numpy(np.array(image, dtype=np.float32))
-        if not torch.isfinite(grey).all():
+        return np.asarray(image, dtype=np.float32) / np.float32(65535)
+    if image.mode == "F":
+        grey = np.array(image, dtype=np.float32)
+        if not np.isfinite(grey).all():
             raise ImageReadError(f"{path}: float image with values that are not finite")
-        low, high = grey.min().item(), grey.max().item()
+        low, high = float(grey.min()), float(grey.max())
         if low < 0 or high > 1:
             raise ImageReadError(
                 f"{path}: float image with values in [{low:.7g}, {high:.7g}]; float images must "
                 "hold values in [0, 1] (rescale it, or store it as an 8- or 16-bit image)"
             )
-    elif image.mode.startswith("I"):
+        return grey
+    if image.mode.startswith("I"):
         raise ImageReadError(
             f"{path}: 32-bit integer image (mode {image.mode}) has no known range; "
             "store it as an 8- or 16-bit image"
         )
-    else:
-        pixels = np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
-        return torch.from_numpy(pixels).permute(2, 0, 1).float().div_(255)
-    return grey.expand(3, *grey.shape).contiguous()
+    return np.array(image.convert("RGB"))  # a writable copy, as torch.from_numpy wants
+
+
+def _to_rgb_tensor(image: Image.Image, path: Path) -> Tensor:
+    pixels = torch.from_numpy(_checked_pixels(image, path))
+    if pixels.dtype == torch.uint8:
+        return pixels.permute(2, 0, 1).float().div_(255)
+    return pixels.expand(3, *pixels.shape).contiguous()
+
+
+@contextlib.contextmanager
+def _without_pixel_limit() -> Iterator[None]:
+    """Pillow refuses images above ~179 M pixels as possible decompression bombs; aerial images
+    are that large (DOTA has 20,000 x 20,000 px) and are the user's own files."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
+def large_image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` of an image of any size, from its header (no decoding)."""
+    path = Path(path)
+    with reading_image(path), _without_pixel_limit(), Image.open(path) as image:
+        return image.size
+
+
+def read_rgb8(path: str | Path) -> np.ndarray:
+    """An image of any size as uint8 ``(H, W, 3)`` RGB, for cutting into patches.
+
+    The pixels :meth:`DotaDetectionDataset.load_image` reads, at 8 bits: 8-bit images as they
+    are (grey and palette images in three channels, alpha dropped), 16-bit grey and float images
+    rounded from their range (``round(v / 257)``, ``round(255 * x)``). The same images are
+    refused, with :class:`ImageReadError` naming the file.
+    """
+    path = Path(path)
+    with reading_image(path), _without_pixel_limit(), Image.open(path) as image:
+        pixels = _checked_pixels(image, path)
+    if pixels.dtype == np.uint8:
+        return pixels
+    grey = np.rint(pixels * np.float32(255)).astype(np.uint8)
+    return np.repeat(grey[:, :, None], 3, axis=2)
 
 
 def collate_fn(batch: Sequence[tuple[Tensor, Target]]) -> tuple[list[Tensor], list[Target]]:

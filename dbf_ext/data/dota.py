@@ -6,9 +6,11 @@ A DOTA folder holds ``images/<image_id>.<ext>`` (png, jpg, jpeg, tif, tiff or bm
 
     x1 y1 x2 y2 x3 y3 x4 y4 class difficult
 
-(the four corners of the object in pixels, its class name, ``1`` for a difficult object). A line
-with nine fields (no ``difficult``) is read as ``difficult = 0``, as the DOTA devkit does. A
-polygon whose corners span no area (coincident or collinear) is a problem: it has no box.
+(the four corners of the object in pixels, its class name, ``1`` for a difficult object, ``2``
+for an object cut by the border of a patch — written by split tools, DOTA devkit's and
+mmrotate's as :func:`~dbf_ext.data.split_dota`; it is a normal object, not a difficult one). A
+line with nine fields (no ``difficult``) is read as ``difficult = 0``, as the DOTA devkit does.
+A polygon whose corners span no area (coincident or collinear) is a problem: it has no box.
 
 Malformed input is never dropped silently. With ``errors="raise"`` (default) the first problem
 raises :class:`DotaFormatError` with the file and line number; with ``errors="warn"`` every
@@ -38,6 +40,7 @@ import numpy as np
 import torch
 
 from dbf_ext import boxes as box_ops
+from dbf_ext._io import write_durably
 
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp")
 
@@ -51,6 +54,7 @@ DOTA_V1_CLASSES = (
 DOTA_V15_CLASSES = DOTA_V1_CLASSES + ("container-crane",)
 
 _ERROR_MODES = ("raise", "warn")
+_DIFFICULTY_FLAGS = ("0", "1", "2")  # normal, difficult, cut by a patch border
 _OBJECT_FIELDS = "x1 y1 x2 y2 x3 y3 x4 y4 class difficult"
 # "key:value" header lines start with a name; object lines start with a coordinate.
 _HEADER_LINE = re.compile(r"^\s*([A-Za-z][\w-]*)\s*:(.*)$")
@@ -104,21 +108,25 @@ class DotaLabels:
     Attributes:
         polygons: ``(K, 8)`` float64 corners ``x1, y1, ..., x4, y4`` in pixels.
         class_names: ``K`` class names.
-        difficult: ``(K,)`` bool.
+        difficult: ``(K,)`` bool (flag ``1``).
         header: header lines as ``{key: value}`` strings, e.g. ``{"gsd": "0.146"}``.
+        truncated: ``(K,)`` bool (flag ``2``: cut by a patch border); all False when None.
     """
 
     polygons: np.ndarray
     class_names: tuple[str, ...]
     difficult: np.ndarray
     header: dict[str, str] = field(default_factory=dict)
+    truncated: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         k = len(self.class_names)
-        if self.polygons.shape != (k, 8) or self.difficult.shape != (k,):
+        if self.truncated is None:  # frozen: the default is filled in once, here
+            object.__setattr__(self, "truncated", np.zeros(k, dtype=bool))
+        if self.polygons.shape != (k, 8) or self.difficult.shape != (k,) or self.truncated.shape != (k,):
             raise ValueError(
-                f"polygons {self.polygons.shape} and difficult {self.difficult.shape} must be "
-                f"({k}, 8) and ({k},) for {k} class names"
+                f"polygons {self.polygons.shape}, difficult {self.difficult.shape} and truncated "
+                f"{self.truncated.shape} must be ({k}, 8), ({k},) and ({k},) for {k} class names"
             )
 
     @classmethod
@@ -197,7 +205,7 @@ def read_dota_labels(
 def _parse_label_file(path: Path, classes: Collection[str] | None, sink: _IssueSink) -> DotaLabels:
     polygons: list[list[float]] = []
     names: list[str] = []
-    difficult: list[bool] = []
+    flags: list[str] = []
     header: dict[str, str] = {}
     try:
         # utf-8-sig: files written on Windows may start with a byte-order mark.
@@ -229,8 +237,8 @@ def _parse_label_file(path: Path, classes: Collection[str] | None, sink: _IssueS
             sink.report(path, number, f"unknown class {name!r} (known classes: {', '.join(sorted(classes))})")
             continue
         flag = fields[9] if len(fields) == 10 else "0"
-        if flag not in ("0", "1"):
-            sink.report(path, number, f"difficult must be 0 or 1, got {flag!r}")
+        if flag not in _DIFFICULTY_FLAGS:
+            sink.report(path, number, f"difficult must be 0, 1 or 2 (2: cut by a patch border), got {flag!r}")
             continue
         if _spans_no_area(coords):
             sink.report(path, number, f"degenerate polygon (coincident or collinear corners, no area): "
@@ -238,12 +246,14 @@ def _parse_label_file(path: Path, classes: Collection[str] | None, sink: _IssueS
             continue
         polygons.append(coords)
         names.append(name)
-        difficult.append(flag == "1")
+        flags.append(flag)
+    flag_array = np.array(flags, dtype=str)
     return DotaLabels(
         np.array(polygons, dtype=np.float64).reshape(-1, 8),
         tuple(names),
-        np.array(difficult, dtype=bool),
+        flag_array == "1",
         header,
+        truncated=flag_array == "2",
     )
 
 
@@ -342,6 +352,13 @@ class DotaFolder:
         return self._labels[image_id] if image_id in self._labels else DotaLabels.empty()
 
 
+def find_images(folder: str | Path) -> dict[str, Path]:
+    """``{image_id: path}`` of the images in ``folder`` (extensions of :data:`IMAGE_EXTENSIONS`
+    in any case); two images with one id raise :class:`DotaFormatError`, a missing folder
+    ``FileNotFoundError``."""
+    return _index_images(Path(folder), _IssueSink("raise"))
+
+
 def _index_images(image_root: Path, sink: _IssueSink) -> dict[str, Path]:
     if not image_root.is_dir():
         raise FileNotFoundError(f"no image folder {image_root}")
@@ -356,6 +373,11 @@ def _index_images(image_root: Path, sink: _IssueSink) -> dict[str, Path]:
     return paths
 
 
+def write_text_durably(path: Path, text: str) -> None:
+    """UTF-8 ``text`` into ``path``, atomically and durably (see :func:`dbf_ext._io.write_durably`)."""
+    write_durably(path, "wb", lambda file: file.write(text.encode("utf-8")))
+
+
 def _format_number(value: float) -> str:
     # repr is the shortest text that reads back to the same float: lossless round trips.
     return repr(float(value))
@@ -367,26 +389,46 @@ def write_dota_labels(
     class_names: Sequence[str],
     difficult: Sequence[bool] | np.ndarray | None = None,
     header: Mapping[str, str] | None = None,
+    truncated: Sequence[bool] | np.ndarray | None = None,
 ) -> None:
-    """Writes one ``labelTxt`` file (header lines first, then one object per line).
+    """Writes one ``labelTxt`` file (header lines first, then one object per line), atomically.
 
     Args:
         polygons: ``(K, 8)`` corners. class_names: ``K`` names (no whitespace).
         difficult: ``(K,)`` flags, all False when None. header: e.g. ``{"gsd": "0.5"}``.
+        truncated: ``(K,)`` flags of objects cut by a patch border, written as difficulty
+            ``2`` (taking precedence over ``difficult``, as split tools write it); all False
+            when None.
     """
+    write_text_durably(Path(path), format_dota_labels(polygons, class_names, difficult, header, truncated))
+
+
+def format_dota_labels(
+    polygons: np.ndarray,
+    class_names: Sequence[str],
+    difficult: Sequence[bool] | np.ndarray | None = None,
+    header: Mapping[str, str] | None = None,
+    truncated: Sequence[bool] | np.ndarray | None = None,
+) -> str:
+    """The text of a ``labelTxt`` file (see :func:`write_dota_labels`); coordinates are
+    written as the shortest text that reads back to the same float64."""
     polygons = np.asarray(polygons, dtype=np.float64).reshape(-1, 8)
-    flags = np.zeros(len(polygons), dtype=bool) if difficult is None else np.asarray(difficult, dtype=bool)
-    if not (len(class_names) == len(flags) == len(polygons)):
+    none = np.zeros(len(polygons), dtype=bool)
+    difficult = none if difficult is None else np.asarray(difficult, dtype=bool)
+    truncated = none if truncated is None else np.asarray(truncated, dtype=bool)
+    if not (len(class_names) == len(difficult) == len(truncated) == len(polygons)):
         raise ValueError(
-            f"got {len(polygons)} polygons, {len(class_names)} class names and {len(flags)} difficult flags"
+            f"got {len(polygons)} polygons, {len(class_names)} class names, {len(difficult)} difficult "
+            f"and {len(truncated)} truncated flags"
         )
+    flags = np.where(truncated, 2, difficult.astype(int))
     for name in class_names:
         if not name or len(name.split()) != 1 or ":" in name:
             raise ValueError(f"class names must be non-empty, without whitespace or ':', got {name!r}")
     lines = [f"{key}:{value}" for key, value in (header or {}).items()]
     for polygon, name, flag in zip(polygons, class_names, flags):
-        lines.append(" ".join([*map(_format_number, polygon), name, str(int(flag))]))
-    Path(path).write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+        lines.append(" ".join([*map(_format_number, polygon), name, str(flag)]))
+    return "".join(line + "\n" for line in lines)
 
 
 def write_dota_task1(
@@ -428,7 +470,7 @@ def write_dota_task1(
                 class_lines.append(" ".join([image_id, _format_number(score), *map(_format_number, polygon)]))
     Path(out_dir).mkdir(parents=True, exist_ok=True)
     for path, class_lines in zip(paths, lines):
-        path.write_text("".join(line + "\n" for line in class_lines), encoding="utf-8")
+        write_text_durably(path, "".join(line + "\n" for line in class_lines))
     return paths
 
 

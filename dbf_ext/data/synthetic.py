@@ -17,6 +17,8 @@ canvas and reduced (box filter), which anti-aliases their edges.
 
 Everything follows from :class:`SyntheticConfig` (the seed included): tile ``i`` of a split is
 drawn from its own random stream, so the data set is identical on every machine and run.
+:class:`SyntheticSceneConfig` makes large scenes (e.g. 2048 x 1536 px) the same way, for the
+split -> train on patches -> predict on whole images path.
 :func:`prepare_synthetic_dota` writes it once into the user cache and returns its folder; it
 is read back through :class:`~dbf_ext.data.DotaDetectionDataset` like real DOTA data.
 """
@@ -32,6 +34,7 @@ import time
 import uuid
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -42,6 +45,7 @@ from dbf_ext.data.dota import write_dota_labels
 
 SYNTHETIC_CLASSES = ("small-vehicle", "large-vehicle", "storage-tank", "plane")
 FORMAT_VERSION = "synthetic-v1"
+SCENE_FORMAT_VERSION = "synthetic-scenes-v1"
 COMPLETE_MARKER = "COMPLETE.json"
 SPLITS = ("train", "val")
 
@@ -95,18 +99,86 @@ class SyntheticConfig:
         if not 0 <= self.difficult_fraction <= 1:
             raise ValueError(f"difficult_fraction must be in [0, 1], got {self.difficult_fraction}")
 
+    format_version: ClassVar[str] = FORMAT_VERSION
+    kind: ClassVar[str] = "tiles"
+
     def num_tiles(self, split: str) -> int:
         return {"train": self.train_tiles, "val": self.val_tiles}[split]
 
+    num_images = num_tiles
+
     def params_hash(self) -> str:
         """Short hash of the format version and every parameter: the cache folder's name."""
-        text = json.dumps({"version": FORMAT_VERSION, **asdict(self)}, sort_keys=True)
-        return hashlib.sha256(text.encode()).hexdigest()[:16]
+        return _params_hash(self)
+
+    def render(self, split: str, index: int) -> SyntheticTile:
+        return render_synthetic_tile(self, split, index)
+
+
+# Objects are placed, and textures sized, per tile of this area in a large scene.
+_TILE_AREA = 256 * 256
+
+
+@dataclass(frozen=True)
+class SyntheticSceneConfig:
+    """Parameters of the synthetic set of large scenes (all of them enter the folder's hash).
+
+    A scene is drawn like a tile, over a larger ground: per 256 x 256 px of its area it gets a
+    tile's share of objects, parking lots, tank farms and planes; roads run across the whole
+    scene (about one per ``sqrt(area / 256^2)``). Objects lie anywhere in it, so they cross the
+    borders of the patches the scene is split into.
+
+    Attributes:
+        width, height: scene size in pixels (e.g. 2048 x 1536, like a DOTA image).
+        train_scenes, val_scenes: number of scenes per split.
+        min_objects, max_objects: objects per 256 x 256 px of scene (inclusive range).
+        difficult_fraction: probability that an object is drawn with low contrast and
+            marked difficult.
+        seed: random seed of the whole set.
+    """
+
+    width: int = 2048
+    height: int = 1536
+    train_scenes: int = 4
+    val_scenes: int = 2
+    min_objects: int = 5
+    max_objects: int = 20
+    difficult_fraction: float = 0.05
+    seed: int = 0
+
+    format_version: ClassVar[str] = SCENE_FORMAT_VERSION
+    kind: ClassVar[str] = "scenes"
+
+    def __post_init__(self) -> None:
+        if min(self.width, self.height) < 96:
+            raise ValueError(f"scenes must be >= 96 px a side (objects are up to 52 px), got "
+                             f"{self.width} x {self.height}")
+        if self.train_scenes < 0 or self.val_scenes < 0:
+            raise ValueError("train_scenes and val_scenes must be >= 0")
+        if not 0 <= self.min_objects <= self.max_objects:
+            raise ValueError(f"need 0 <= min_objects <= max_objects, got {self.min_objects}, {self.max_objects}")
+        if not 0 <= self.difficult_fraction <= 1:
+            raise ValueError(f"difficult_fraction must be in [0, 1], got {self.difficult_fraction}")
+
+    def num_images(self, split: str) -> int:
+        return {"train": self.train_scenes, "val": self.val_scenes}[split]
+
+    def params_hash(self) -> str:
+        """Short hash of the format version and every parameter: the cache folder's name."""
+        return _params_hash(self)
+
+    def render(self, split: str, index: int) -> SyntheticTile:
+        return render_synthetic_scene(self, split, index)
+
+
+def _params_hash(config: SyntheticConfig | SyntheticSceneConfig) -> str:
+    text = json.dumps({"version": config.format_version, **asdict(config)}, sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
 @dataclass(frozen=True)
 class SyntheticTile:
-    """One rendered tile: ``image`` uint8 ``(S, S, 3)``, ``polygons`` float64 ``(K, 8)``,
+    """One rendered tile or scene: ``image`` uint8 ``(H, W, 3)``, ``polygons`` float64 ``(K, 8)``,
     ``class_names`` (K names), ``difficult`` bool ``(K,)``."""
 
     image: np.ndarray
@@ -116,7 +188,7 @@ class SyntheticTile:
 
 
 def tile_image_id(split: str, index: int) -> str:
-    """Image id of tile ``index`` of ``split``: ``"train_0007"`` (unique across splits)."""
+    """Image id of tile (or scene) ``index`` of ``split``: ``"train_0007"`` (unique across splits)."""
     return f"{split}_{index:04d}"
 
 
@@ -143,42 +215,96 @@ def _convex_overlap(a: np.ndarray, b: np.ndarray) -> bool:
     return True
 
 
-def _smooth_noise(rng: np.random.Generator, size: int, cells: int) -> np.ndarray:
-    """``(size, size)`` noise, bilinear interpolation of a ``(cells + 1)^2`` random grid."""
-    grid = rng.standard_normal((cells + 1, cells + 1))
-    position = np.linspace(0, cells, size)
-    lower = np.minimum(position.astype(int), cells - 1)
-    frac = (position - lower)[:, None]
+def _smooth_noise(rng: np.random.Generator, height: int, width: int, cells_y: int, cells_x: int) -> np.ndarray:
+    """``(height, width)`` noise, bilinear interpolation of a ``(cells_y + 1, cells_x + 1)``
+    random grid."""
+    grid = rng.standard_normal((cells_y + 1, cells_x + 1))
 
-    def along_rows(values: np.ndarray) -> np.ndarray:
+    def along_axis0(values: np.ndarray, cells: int, size: int) -> np.ndarray:
+        position = np.linspace(0, cells, size)
+        lower = np.minimum(position.astype(int), cells - 1)
+        frac = (position - lower)[:, None]
         return values[lower] * (1 - frac) + values[lower + 1] * frac
 
-    return along_rows(along_rows(grid).T).T
+    return along_axis0(along_axis0(grid, cells_y, height).T, cells_x, width).T
+
+
+class _OccupancyGrid:
+    """The objects placed so far, indexed by the grid cells their bounding boxes touch, so a
+    free-space test looks only at objects near the candidate (large scenes hold thousands)."""
+
+    _CELL = 64.0  # px
+
+    def __init__(self) -> None:
+        self.corners: list[np.ndarray] = []
+        self._cells: dict[tuple[int, int], list[int]] = {}
+
+    def _cell_range(self, corners: np.ndarray):
+        (x0, y0), (x1, y1) = (np.floor(corners.min(axis=0) / self._CELL).astype(int),
+                              np.floor(corners.max(axis=0) / self._CELL).astype(int))
+        return ((cx, cy) for cx in range(x0, x1 + 1) for cy in range(y0, y1 + 1))
+
+    def add(self, corners: np.ndarray) -> None:
+        for cell in self._cell_range(corners):
+            self._cells.setdefault(cell, []).append(len(self.corners))
+        self.corners.append(corners)
+
+    def overlaps(self, corners: np.ndarray) -> bool:
+        """Whether ``corners`` overlap a placed object (objects whose boxes share no cell with
+        its box are separated along x or y, which the overlap test decides first anyway)."""
+        near = {index for cell in self._cell_range(corners) for index in self._cells.get(cell, ())}
+        return any(_convex_overlap(corners, self.corners[index]) for index in sorted(near))
+
+
+@dataclass(frozen=True)
+class _Layout:
+    """The size of a scene and how much goes into it.
+
+    ``units``: how many tiles' worth of parking lots, tank farms and lone planes it gets (1 for
+    a tile); ``objects``: the range of its object budget; ``texture_scale``: the ground
+    texture's grid cells per axis relative to a tile's; ``road_groups``: how many times up to
+    two roads are drawn; ``road_points``: points along each road (where vehicles stand).
+    """
+
+    width: int
+    height: int
+    objects: tuple[int, int]
+    difficult_fraction: float
+    units: int = 1
+    texture_scale: tuple[float, float] = (1.0, 1.0)
+    road_groups: int = 1
+    road_points: int = 48
 
 
 class _Scene:
-    """Plans and draws one tile: free-space bookkeeping, supersampled canvas, annotations."""
+    """Plans and draws one tile or large scene: free-space bookkeeping, supersampled canvas,
+    annotations."""
 
-    def __init__(self, rng: np.random.Generator, config: SyntheticConfig):
+    def __init__(self, rng: np.random.Generator, layout: _Layout):
         self.rng = rng
-        self.config = config
-        self.size = config.tile_size
-        self.budget = int(rng.integers(config.min_objects, config.max_objects + 1))
+        self.layout = layout
+        self.width, self.height = layout.width, layout.height
+        self.extent = np.array([layout.width, layout.height], dtype=np.float64)
+        self.budget = int(rng.integers(layout.objects[0], layout.objects[1] + 1))
         self.ground = np.array(_GROUND_COLOURS[rng.integers(len(_GROUND_COLOURS))], dtype=np.float64)
         angle = rng.uniform(0, 2 * math.pi)
         self.shadow_dir = np.array([math.cos(angle), math.sin(angle)])
-        self.occupied: list[np.ndarray] = []  # corners of the objects placed so far
+        self.occupied = _OccupancyGrid()  # corners of the objects placed so far
         self.polygons: list[np.ndarray] = []
         self.class_names: list[str] = []
         self.difficult: list[bool] = []
         self.roads: list[tuple[np.ndarray, np.ndarray, float]] = []  # points, tangents, width
-        texture = (_smooth_noise(rng, self.size, 3) * 12 + _smooth_noise(rng, self.size, 10) * 7
-                   + _smooth_noise(rng, self.size, 32) * 4)
+        scale_x, scale_y = layout.texture_scale
+        texture = sum(
+            _smooth_noise(rng, self.height, self.width, max(1, round(cells * scale_y)),
+                          max(1, round(cells * scale_x))) * amplitude
+            for cells, amplitude in ((3, 12), (10, 7), (32, 4))
+        )
         tint = rng.uniform(-6, 6, size=3)
         ground = np.clip(self.ground + tint + texture[..., None], 0, 255).astype(np.uint8)
-        big = self.size * _SUPERSAMPLE
         # Nearest upsampling: the final box-filter reduction gives the ground back unchanged.
-        self.canvas = Image.fromarray(ground).resize((big, big), Image.NEAREST)
+        self.canvas = Image.fromarray(ground).resize(
+            (self.width * _SUPERSAMPLE, self.height * _SUPERSAMPLE), Image.NEAREST)
         self.draw = ImageDraw.Draw(self.canvas)
 
     # ----- geometry -------------------------------------------------------------------------
@@ -186,11 +312,10 @@ class _Scene:
         return [tuple(p) for p in (np.asarray(points) * _SUPERSAMPLE).tolist()]
 
     def inside(self, corners: np.ndarray) -> bool:
-        return bool(np.all((corners >= _EDGE_MARGIN) & (corners <= self.size - _EDGE_MARGIN)))
+        return bool(np.all((corners >= _EDGE_MARGIN) & (corners <= self.extent - _EDGE_MARGIN)))
 
     def is_free(self, corners: np.ndarray) -> bool:
-        grown = _grow(corners, _OBJECT_GAP)
-        return self.inside(corners) and not any(_convex_overlap(grown, other) for other in self.occupied)
+        return self.inside(corners) and not self.occupied.overlaps(_grow(corners, _OBJECT_GAP))
 
     @property
     def full(self) -> bool:
@@ -215,13 +340,13 @@ class _Scene:
         self.draw.ellipse(box.tolist(), fill=fill)
 
     def add_object(self, name: str, corners: np.ndarray, difficult: bool) -> None:
-        self.occupied.append(corners)
+        self.occupied.add(corners)
         self.polygons.append(corners.reshape(8))
         self.class_names.append(name)
         self.difficult.append(difficult)
 
     def draw_difficult(self) -> bool:
-        return bool(self.rng.random() < self.config.difficult_fraction)
+        return bool(self.rng.random() < self.layout.difficult_fraction)
 
     # ----- objects ----------------------------------------------------------------------------
     def place_vehicle(self, name: str, cx: float, cy: float, theta: float) -> bool:
@@ -289,15 +414,15 @@ class _Scene:
 
     # ----- layout -----------------------------------------------------------------------------
     def add_road(self) -> None:
-        """A straight or curved band from one tile side to another, with a dashed centre line."""
-        rng, size = self.rng, self.size
+        """A straight or curved band from one side to another, with a dashed centre line."""
+        rng = self.rng
         sides = rng.choice(4, size=2, replace=False)
-        ends = [_point_on_side(side, rng.uniform(0.15, 0.85) * size, size) for side in sides]
-        bend = 0.0 if rng.random() < 0.5 else rng.uniform(-0.3, 0.3) * size
+        ends = [_point_on_side(side, rng.uniform(0.15, 0.85), self.width, self.height) for side in sides]
+        bend = 0.0 if rng.random() < 0.5 else rng.uniform(-0.3, 0.3) * min(self.width, self.height)
         middle = (ends[0] + ends[1]) / 2
         chord = ends[1] - ends[0]
         control = middle + np.array([-chord[1], chord[0]]) / np.linalg.norm(chord) * bend
-        t = np.linspace(0, 1, 48)[:, None]
+        t = np.linspace(0, 1, self.layout.road_points)[:, None]
         points = (1 - t) ** 2 * ends[0] + 2 * t * (1 - t) * control + t**2 * ends[1]
         tangents = 2 * (1 - t) * (control - ends[0]) + 2 * t * (ends[1] - control)
         tangents /= np.linalg.norm(tangents, axis=1, keepdims=True)
@@ -316,11 +441,11 @@ class _Scene:
         theta = rng.uniform(-math.pi / 2, math.pi / 2)
         lot_w, lot_h = slots * pitch + 4, rows * depth + 4
         margin = math.hypot(lot_w, lot_h) / 2 + _EDGE_MARGIN
-        if margin * 2 >= self.size:
+        if margin * 2 >= min(self.width, self.height):
             return
-        cx, cy = rng.uniform(margin, self.size - margin, size=2)
+        cx, cy = rng.uniform(margin, self.extent - margin)
         lot = _rect_corners(cx, cy, lot_w, lot_h, theta)
-        if any(_convex_overlap(lot, other) for other in self.occupied):
+        if self.occupied.overlaps(lot):
             return
         self.polygon(lot, self.colour(_LOT_COLOUR, False))
         along = np.array([math.cos(theta), math.sin(theta)])
@@ -346,10 +471,10 @@ class _Scene:
         cols, rows = int(rng.integers(1, 4)), int(rng.integers(1, 3))
         pitch = diameter + rng.uniform(5, 10)
         # Small tiles fit fewer tanks per row and column (default tiles always fit the draw).
-        fitting = 1 + int((self.size - 2 * diameter) // pitch)
-        cols, rows = min(cols, fitting), min(rows, fitting)
-        x0 = rng.uniform(diameter, self.size - diameter - (cols - 1) * pitch)
-        y0 = rng.uniform(diameter, self.size - diameter - (rows - 1) * pitch)
+        cols = min(cols, 1 + int((self.width - 2 * diameter) // pitch))
+        rows = min(rows, 1 + int((self.height - 2 * diameter) // pitch))
+        x0 = rng.uniform(diameter, self.width - diameter - (cols - 1) * pitch)
+        y0 = rng.uniform(diameter, self.height - diameter - (rows - 1) * pitch)
         for row in range(rows):
             for col in range(cols):
                 self.place_tank(x0 + col * pitch, y0 + row * pitch, diameter * rng.uniform(0.95, 1.05))
@@ -368,7 +493,7 @@ class _Scene:
     def add_scattered(self) -> None:
         """One object of a random class at a random free spot."""
         rng = self.rng
-        cx, cy = rng.uniform(0, self.size, size=2)
+        cx, cy = rng.uniform(0, self.extent)
         theta = rng.uniform(-math.pi, math.pi)
         kind = rng.choice(4, p=(0.3, 0.3, 0.25, 0.15))
         if kind == 0:
@@ -382,14 +507,16 @@ class _Scene:
 
     def render(self) -> SyntheticTile:
         rng = self.rng
-        for _ in range(rng.choice(3, p=(0.25, 0.5, 0.25))):
-            self.add_road()
-        if rng.random() < 0.35 and not self.full:
-            self.place_plane(*rng.uniform(0, self.size, size=2), rng.uniform(-math.pi, math.pi))
-        if rng.random() < 0.5:
-            self.add_parking_lot()
-        if rng.random() < 0.4:
-            self.add_tank_group()
+        for _ in range(self.layout.road_groups):  # roads first: nothing may be painted over objects
+            for _ in range(rng.choice(3, p=(0.25, 0.5, 0.25))):
+                self.add_road()
+        for _ in range(self.layout.units):
+            if rng.random() < 0.35 and not self.full:
+                self.place_plane(*rng.uniform(0, self.extent), rng.uniform(-math.pi, math.pi))
+            if rng.random() < 0.5:
+                self.add_parking_lot()
+            if rng.random() < 0.4:
+                self.add_tank_group()
         for _ in range(4 * self.budget):  # bounded: a crowded tile may have no space left
             if self.full:
                 break
@@ -398,7 +525,7 @@ class _Scene:
             else:
                 self.add_scattered()
         small = self.canvas.reduce(_SUPERSAMPLE)
-        noisy = np.asarray(small, dtype=np.float64) + rng.normal(0, 3, size=(self.size, self.size, 3))
+        noisy = np.asarray(small, dtype=np.float64) + rng.normal(0, 3, size=(self.height, self.width, 3))
         # Two decimals keep label files short; such rounding moves a corner by <= 0.005 px.
         polygons = np.round(np.array(self.polygons, dtype=np.float64).reshape(-1, 8), 2)
         return SyntheticTile(
@@ -414,23 +541,47 @@ def _grow(corners: np.ndarray, distance: float) -> np.ndarray:
     return centre + offset * (1 + distance / np.linalg.norm(offset, axis=1, keepdims=True))
 
 
-def _point_on_side(side: int, position: float, size: int) -> np.ndarray:
-    """A point on tile side 0 (top), 1 (right), 2 (bottom) or 3 (left), ``position`` along it."""
-    return np.array(((position, 0.0), (size, position), (position, size), (0.0, position))[side], dtype=np.float64)
+def _point_on_side(side: int, fraction: float, width: int, height: int) -> np.ndarray:
+    """A point on side 0 (top), 1 (right), 2 (bottom) or 3 (left), ``fraction`` of the way along it."""
+    along = fraction * (width if side in (0, 2) else height)
+    return np.array(((along, 0.0), (width, along), (along, height), (0.0, along))[side], dtype=np.float64)
+
+
+def _split_index(split: str) -> int:
+    if split not in SPLITS:
+        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
+    return SPLITS.index(split)
 
 
 def render_synthetic_tile(config: SyntheticConfig, split: str, index: int) -> SyntheticTile:
     """Renders tile ``index`` of ``split`` (deterministic in ``config``, ``split``, ``index``)."""
-    if split not in SPLITS:
-        raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
-    rng = np.random.default_rng([config.seed, SPLITS.index(split), index])
-    return _Scene(rng, config).render()
+    rng = np.random.default_rng([config.seed, _split_index(split), index])
+    layout = _Layout(config.tile_size, config.tile_size, (config.min_objects, config.max_objects),
+                     config.difficult_fraction)
+    return _Scene(rng, layout).render()
+
+
+def render_synthetic_scene(config: SyntheticSceneConfig, split: str, index: int) -> SyntheticTile:
+    """Renders large scene ``index`` of ``split`` (deterministic in ``config``, ``split``,
+    ``index``; its random stream is not any tile's)."""
+    rng = np.random.default_rng([config.seed, _split_index(split), index, 1])
+    units = max(1, round(config.width * config.height / _TILE_AREA))
+    side = math.sqrt(_TILE_AREA)
+    layout = _Layout(
+        config.width, config.height, (config.min_objects * units, config.max_objects * units),
+        config.difficult_fraction, units=units, texture_scale=(config.width / side, config.height / side),
+        road_groups=max(1, round(math.sqrt(units))),
+        road_points=48 * max(1, math.ceil(max(config.width, config.height) / side)),
+    )
+    return _Scene(rng, layout).render()
 
 
 def generate_synthetic_dota(
-    out_dir: str | Path, config: SyntheticConfig | None = None, *, quiet: bool = False
+    out_dir: str | Path, config: SyntheticConfig | SyntheticSceneConfig | None = None, *, quiet: bool = False
 ) -> Path:
-    """Writes the set to ``out_dir/{train,val}/{images,labelTxt}`` (PNG + DOTA labels).
+    """Writes the set to ``out_dir/{train,val}/{images,labelTxt}`` (PNG + DOTA labels): the
+    tiles of a :class:`SyntheticConfig` (default) or the scenes of a
+    :class:`SyntheticSceneConfig`.
 
     No caching (see :func:`prepare_synthetic_dota`); existing files are overwritten. A rich
     progress bar is shown on a terminal unless ``quiet``. Returns ``out_dir``.
@@ -438,19 +589,19 @@ def generate_synthetic_dota(
     config = config or SyntheticConfig()
     out_dir = Path(out_dir)
     console = Console(stderr=True)
-    jobs = [(split, index) for split in SPLITS for index in range(config.num_tiles(split))]
+    jobs = [(split, index) for split in SPLITS for index in range(config.num_images(split))]
     for split in SPLITS:
         for sub in ("images", "labelTxt"):
             (out_dir / split / sub).mkdir(parents=True, exist_ok=True)
     with Progress(console=console, disable=quiet or not console.is_terminal) as progress:
-        task = progress.add_task("synthetic aerial tiles", total=len(jobs))
+        task = progress.add_task(f"synthetic aerial {config.kind}", total=len(jobs))
         for split, index in jobs:
-            tile = render_synthetic_tile(config, split, index)
+            tile = config.render(split, index)
             image_id = tile_image_id(split, index)
             # compress_level=1: about half the time of the default level, files ~13% larger.
             Image.fromarray(tile.image).save(out_dir / split / "images" / f"{image_id}.png", compress_level=1)
             write_dota_labels(out_dir / split / "labelTxt" / f"{image_id}.txt", tile.polygons, tile.class_names,
-                              tile.difficult, header={"imagesource": FORMAT_VERSION, "gsd": "null"})
+                              tile.difficult, header={"imagesource": config.format_version, "gsd": "null"})
             progress.advance(task)
     return out_dir
 
@@ -464,14 +615,15 @@ def default_cache_dir() -> Path:
 
 
 def prepare_synthetic_dota(
-    config: SyntheticConfig | None = None,
+    config: SyntheticConfig | SyntheticSceneConfig | None = None,
     *,
     cache_dir: str | Path | None = None,
     quiet: bool = False,
 ) -> Path:
     """The folder of the synthetic set, generating it on first use.
 
-    The set lives in ``<cache_dir>/synthetic-v1/<params hash>/`` (``cache_dir`` defaults to
+    The set lives in ``<cache_dir>/synthetic-v1/<params hash>/`` (tiles; large scenes of a
+    :class:`SyntheticSceneConfig` in ``synthetic-scenes-v1/``; ``cache_dir`` defaults to
     :func:`default_cache_dir`) with ``train/`` and ``val/`` DOTA folders. It is generated in a
     temporary sibling folder whose completion marker (``COMPLETE.json``, the parameters) is
     written last, then renamed into place: an interrupted generation is never used and is
@@ -483,7 +635,7 @@ def prepare_synthetic_dota(
     """
     config = config or SyntheticConfig()
     parent = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
-    parent = parent / FORMAT_VERSION
+    parent = parent / config.format_version
     root = parent / config.params_hash()
     if (root / COMPLETE_MARKER).is_file():
         return root
@@ -492,7 +644,7 @@ def prepare_synthetic_dota(
     temp = parent / f".{root.name}.tmp-{uuid.uuid4().hex}"
     try:
         generate_synthetic_dota(temp, config, quiet=quiet)
-        marker = {"version": FORMAT_VERSION, "params": asdict(config), "classes": list(SYNTHETIC_CLASSES)}
+        marker = {"version": config.format_version, "params": asdict(config), "classes": list(SYNTHETIC_CLASSES)}
         (temp / COMPLETE_MARKER).write_text(json.dumps(marker, indent=2) + "\n", encoding="utf-8")
         if root.exists() and not (root / COMPLETE_MARKER).is_file():
             shutil.rmtree(root)  # an incomplete folder (e.g. copied by hand): replace it

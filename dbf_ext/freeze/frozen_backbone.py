@@ -33,16 +33,30 @@ __all__ = ["FrozenBackbone"]
 def nest_wrapped_keys(state_dict: dict[str, Any], prefix: str, inner: str = "backbone") -> None:
     """Moves every ``prefix + key`` of ``state_dict`` to ``prefix + inner + "." + key``, in place.
 
-    For wrappers whose ``state_dict()`` hides their own level (this one and
+    For wrappers whose state dict hides their own level (this one and
     :class:`dbf_ext.cache.CachedBackbone`): their load pre-hook calls this, so checkpoints of the
     unwrapped model load into the wrapped one and back.
     """
-    inner_prefix = f"{prefix}{inner}."
+    _move_keys(state_dict, prefix, f"{prefix}{inner}.")
+
+
+def unnest_wrapped_keys(module: nn.Module, state_dict: dict[str, Any], prefix: str,
+                        *unused_hook_args: Any, inner: str = "backbone") -> None:
+    """State-dict post-hook of those wrappers: moves every ``prefix + inner + "." + key`` to
+    ``prefix + key``, in place, so the saved keys are those of the unwrapped model.
+
+    A hook rather than a ``state_dict()`` override, because checkpoint writers that walk the
+    modules themselves (mmcv's and mmengine's ``get_state_dict``) skip overrides but run hooks.
+    """
+    _move_keys(state_dict, f"{prefix}{inner}.", prefix)
+
+
+def _move_keys(state_dict: dict[str, Any], old_prefix: str, new_prefix: str) -> None:
     # Pop everything first, then insert: renaming one key at a time could overwrite a key that
     # is itself still waiting to be renamed.
     moved = {
-        inner_prefix + key[len(prefix) :]: state_dict.pop(key)
-        for key in [key for key in state_dict if key.startswith(prefix)]
+        new_prefix + key[len(old_prefix) :]: state_dict.pop(key)
+        for key in [key for key in state_dict if key.startswith(old_prefix)]
     }
     state_dict.update(moved)
 
@@ -55,7 +69,25 @@ def _load_with_unwrapped_keys(
     module.mark_weights_changed()
 
 
-class FrozenBackbone(nn.Module):
+class AttributeFallThrough:
+    """Mixin of the backbone wrappers (this one and :class:`dbf_ext.cache.CachedBackbone`): an
+    attribute the wrapper does not have is read from its ``backbone`` child, so code that
+    reaches into the backbone (``model.backbone.layer4``, a framework's ``init_weights``
+    walk) keeps working after wrapping."""
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            # Look the wrapped module up without recursing into __getattr__: during unpickling
+            # or deepcopy, _modules may not exist yet.
+            wrapped = self.__dict__.get("_modules", {}).get("backbone")
+            if wrapped is None:
+                raise
+            return getattr(wrapped, name)
+
+
+class FrozenBackbone(AttributeFallThrough, nn.Module):
     """Wraps a backbone so it can be frozen (see the module docstring) and unfrozen.
 
     The wrapped module may return a tensor, or a tuple, list or dict (e.g. the ``OrderedDict``
@@ -89,6 +121,7 @@ class FrozenBackbone(nn.Module):
         self.backbone = backbone
         self.training = backbone.training
         self.register_load_state_dict_pre_hook(_load_with_unwrapped_keys)
+        self.register_state_dict_post_hook(unnest_wrapped_keys)
         self.set_frozen(frozen)
 
     @property
@@ -169,21 +202,6 @@ class FrozenBackbone(nn.Module):
             return self.backbone(*args, **kwargs)
         with torch.no_grad():
             return self.backbone(*args, **kwargs)
-
-    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
-        """The wrapped module's state dict, with its own keys (no ``backbone.`` level)."""
-        return self.backbone.state_dict(*args, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            # Look the wrapped module up without recursing into __getattr__: during unpickling
-            # or deepcopy, _modules may not exist yet.
-            wrapped = self.__dict__.get("_modules", {}).get("backbone")
-            if wrapped is None:
-                raise
-            return getattr(wrapped, name)
 
     def extra_repr(self) -> str:
         return f"frozen={self._frozen}, weights_version={self._weights_version}"

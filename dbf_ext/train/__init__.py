@@ -1,7 +1,13 @@
 """Training of torchvision detectors with DBF, the feature cache and Dynamic R-CNN."""
 
 from dbf_ext.train.augment import KeyedFlipDataset, flip_boxes
-from dbf_ext.train.checkpoint import CheckpointError, load_checkpoint, load_matching_weights, load_model_weights
+from dbf_ext.train.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    load_detector,
+    load_matching_weights,
+    load_model_weights,
+)
 from dbf_ext.train.config import SCHEDULES, TrainConfig, parse_cache_spec, parse_size, resolve_device
 from dbf_ext.train.distributed import DistributedContext, RankMismatchError, init_distributed
 from dbf_ext.train.engine import (
@@ -45,6 +51,7 @@ __all__ = [
     "init_distributed",
     "load_checkpoint",
     "load_dataset",
+    "load_detector",
     "load_matching_weights",
     "load_model_weights",
     "model_box_type",

@@ -6,14 +6,14 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import pickle
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from dbf_ext._io import write_durably
 from dbf_ext.train.config import TrainConfig
+from dbf_ext.train.model import build_detector
 from dbf_ext.train.report import EpochRecord, InitReport
 
 
@@ -42,9 +42,12 @@ def read_weights_file(path: str | Path, map_location: str | torch.device = "cpu"
         raise FileNotFoundError(f"{what} {path} does not exist")
     try:
         return torch.load(path, map_location=map_location, weights_only=True)
-    # torch.load reports damage by RuntimeError (zip), UnpicklingError (not plain data),
-    # EOFError (empty) or ValueError.
-    except (RuntimeError, pickle.UnpicklingError, EOFError, ValueError) as err:
+    except OSError:
+        raise  # the disk's fault, not the file's content: reported as such
+    # Damage makes torch.load fail in many ways: RuntimeError (zip), UnpicklingError (not plain
+    # data), EOFError (empty), and IndexError, KeyError, TypeError, ... when random bytes drive
+    # the unpickler's opcodes.
+    except Exception as err:
         raise CheckpointError(f"{what} {path} cannot be read (corrupt, truncated or not plain "
                               f"tensors saved by torch): {_first_line(err)}") from None
 
@@ -71,6 +74,23 @@ def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str 
     except RuntimeError as err:
         raise CheckpointError(f"the weights in {path} do not fit model {state['config']['model']} "
                               f"with {len(state['classes'])} classes: {_first_line(err)}") from None
+
+
+def load_detector(path: str | Path, device: str | torch.device = "cpu"
+                  ) -> tuple[torch.nn.Module, tuple[str, ...], dict[str, Any]]:
+    """The detector of a checkpoint written by :func:`train`, ready for inference.
+
+    Returns ``(model, classes, config)``: the model built as it was trained, with the
+    checkpoint's weights, on ``device``, in eval mode; the class names in its label order
+    (label ``k`` is ``classes[k - 1]``); the run's configuration (a dict of
+    :class:`~dbf_ext.train.TrainConfig`'s fields). Unusable files raise as
+    :func:`load_checkpoint` and :func:`load_model_weights` do.
+    """
+    state = load_checkpoint(path)
+    config, classes = state["config"], tuple(state["classes"])
+    model = build_detector(config["model"], len(classes), config["image_size"])
+    load_model_weights(model, state, path)
+    return model.to(device).eval(), classes, config
 
 
 def load_matching_weights(model: torch.nn.Module, path: str | Path) -> InitReport:
@@ -115,30 +135,8 @@ def check_resumable(state: dict[str, Any], path: Path, config: TrainConfig, clas
         )
 
 
-def _write_durably(path: Path, mode: str, write: Callable[[Any], None]) -> None:
-    """``write(file)`` into a file beside ``path``, synced, then renamed over ``path`` and the
-    rename synced: a crash leaves the old file or the new one, never half of either."""
-    partial = path.with_suffix(".partial")
-    with partial.open(mode) as file:
-        write(file)
-        file.flush()
-        os.fsync(file.fileno())
-    os.replace(partial, path)
-    _sync_folder(path.parent)
-
-
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    _write_durably(path, "wb", lambda file: torch.save(state, file))
-
-
-def _sync_folder(folder: Path) -> None:
-    """Makes a rename in ``folder`` durable (POSIX; elsewhere folders cannot be opened)."""
-    if os.name == "posix":
-        descriptor = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+    write_durably(path, "wb", lambda file: torch.save(state, file))
 
 
 def _log_line(record: EpochRecord) -> str:
@@ -155,7 +153,7 @@ def append_log(path: Path, record: EpochRecord) -> None:
 def rewrite_log(path: Path, history: list[EpochRecord]) -> None:
     """The log of the epochs a checkpoint holds: lines a crash left past the checkpoint (or
     cut in half) go, a line the crash kept from being written comes back."""
-    _write_durably(path, "w", lambda log: log.writelines(_log_line(record) for record in history))
+    write_durably(path, "w", lambda log: log.writelines(_log_line(record) for record in history))
 
 
 def check_run_folder(config: TrainConfig, out: Path) -> None:

@@ -26,6 +26,7 @@ from dbf_ext.cache import CacheAwareDataset, CachedBackbone, FeatureCache, cache
 from dbf_ext.data import DotaDetectionDataset, collate_fn
 from dbf_ext.evaluation import evaluate_detections
 from dbf_ext.freeze import apply_dbf
+from dbf_ext.inference import model_box_type
 from dbf_ext.regularizers import FeatureEnhancement
 from dbf_ext.train.augment import KeyedFlipDataset
 from dbf_ext.train.checkpoint import (
@@ -62,12 +63,6 @@ from dbf_ext.train.report import (
 from dbf_ext.train.sampler import CacheAffineSampler
 
 logger = logging.getLogger(__name__)
-
-
-def model_box_type(model: torch.nn.Module) -> str:
-    """The boxes a detector takes and predicts: its ``box_type`` attribute (``"obb"``: rotated
-    ``(K, 5)`` boxes), ``"hbb"`` (axis-aligned ``(K, 4)``, torchvision's) when it has none."""
-    return getattr(model, "box_type", "hbb")
 
 
 def load_dataset(root: str | Path, split: str, classes=None, box_type: str = "hbb",
