@@ -8,7 +8,7 @@ stages' weights minus a variance term on the early stages' weights.
 The paper's exact definition and coefficients are not public (we searched for them and found
 neither the paper's text nor code), so the definition below is ours, stated exactly, and the
 defaults are chosen so that the term is a small fraction of the detection loss at
-initialisation (measured on the demo model; see :data:`DEFAULT_L2_WEIGHT`).
+initialisation (measured on ``tiny-fpn``; see :data:`DEFAULT_L2_WEIGHT`).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from torchvision.models.swin_transformer import PatchMerging, PatchMergingV2
 
 __all__ = ["DEFAULT_L2_WEIGHT", "DEFAULT_VARIANCE_WEIGHT", "FeatureEnhancement", "default_stages"]
 
-# On the demo model (tiny-fpn, 4 classes, 192 px synthetic tiles, random initialisation) the
+# On tiny-fpn (4 classes, 192 px synthetic tiles, random initialisation) the
 # late stage's L2 is 64.1 and the detection loss 2.48: 1e-4 makes the whole term 0.0037, 0.15 %
 # of the loss. Its gradient, 2e-4 * w, is twice the trainer's default weight decay (1e-4): the
 # late stages' weights decay three times as fast as the rest. (The L2 is a sum, so it grows
@@ -30,7 +30,7 @@ __all__ = ["DEFAULT_L2_WEIGHT", "DEFAULT_VARIANCE_WEIGHT", "FeatureEnhancement",
 # gradient per weight is the same.)
 DEFAULT_L2_WEIGHT = 1e-4
 # The variance part pushes an early weight by 2 * variance_weight * (w - filter mean) /
-# (filter size * number of filters); on the demo model's 49k early weights that is at most
+# (filter size * number of filters); on tiny-fpn's 49k early weights that is at most
 # 4e-5 * (w - mean), below the trainer's weight decay (1e-4 * w), so weight decay still bounds
 # the early weights (a variance term that outgrew it would let them grow without limit).
 DEFAULT_VARIANCE_WEIGHT = 1.0
@@ -53,7 +53,7 @@ def default_stages(backbone: nn.Module) -> tuple[list[str], list[str]]:
       ``layer4`` (strides 16, 32);
     * torchvision SwinTransformer (or anything holding its ``features``): early
       ``features.1``, ``features.3``, late ``features.5``, ``features.7`` (the same strides);
-    * the demo's :func:`~dbf_ext.models.tiny_trunk` (``stem``, ``layer1``, ``layer2``,
+    * :func:`~dbf_ext.models.tiny_trunk` (``tiny-fpn``'s; ``stem``, ``layer1``, ``layer2``,
       strides 4, 8, 16): early ``stem``, ``layer1``, late ``layer2`` (split by stride as for
       ResNet: up to 8 early, 16 and beyond late).
 

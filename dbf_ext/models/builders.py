@@ -97,8 +97,7 @@ def build_detector(name: str, num_classes: int, image_size: int, **options) -> F
         name: one of :data:`MODELS`:
 
             * ``"tiny-fpn"`` — a 4-layer conv trunk (:func:`~dbf_ext.models.tiny_trunk`) with
-              a 64-channel FPN, the demo's model: it learns the synthetic aerial set on a CPU
-              in a minute;
+              a 64-channel FPN: it learns the synthetic aerial set on a CPU in a minute;
             * ``"resnet18-fpn-lite"`` — a ResNet-18 trunk with a 64-channel FPN, a 256-d box
               head and fewer proposals, small enough to train on a CPU in minutes (for real
               data on a CPU);
